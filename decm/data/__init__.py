@@ -1,0 +1,3 @@
+"""Datasets: built-in 2-D distributions and the scikit-learn digits (offline), latent shards at scale."""
+
+from decm.data import builtin  # noqa: F401

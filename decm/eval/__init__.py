@@ -1,0 +1,1 @@
+"""Evaluation: CPU-scale distribution distances and torch-fidelity feature metrics."""

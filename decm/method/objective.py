@@ -1,0 +1,153 @@
+"""The objective: weighted loss terms on selected sub-trajectory clusters.
+
+An objective is a list of `term`s — (selector, loss, weight, every-k-steps) — plus a time sampler, the
+teacher guidance and the JVP method. Ablations are a few gin lines (drop a term, change a weight).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from decm.method.guidance import NoGuidance
+from decm.method.jvp import flow_map_jvp, unwrap
+from decm.method.time_samplers import UniformSegmented
+from decm.registry import register
+
+
+class NonFiniteTargetError(RuntimeError):
+    """Raised in nan_policy='skip' when any target is non-finite (the step is skipped)."""
+
+
+class Context:
+    """Per-step state shared by all loss terms: the batch, the noise, memoised points and velocities.
+
+    `point(t)` and `velocity(x, t)` are memoised per tensor object, so terms that share the same base
+    times (e.g. L_cm and L_fm) share x_t and one teacher call.
+
+    Args:
+      student: the with-grad student (possibly DDP-wrapped).
+      teacher: v_φ(x, t, y).
+      guidance: guidance(teacher, x, t, y) → velocity.
+      x1: data batch; z: noise of the same shape; y: labels or None; step: training step.
+      jvp_method: 'autograd' or 'fd'.
+      nan_policy: 'mask' (zero the loss of samples whose target is non-finite) or 'skip'.
+      generator: torch.Generator for any extra randomness.
+    """
+
+    def __init__(self, student, teacher, guidance, x1, z, y, step, jvp_method="autograd", nan_policy="mask",
+                 generator=None):
+        self.student, self.student_raw = student, unwrap(student)
+        self.teacher, self.guidance = teacher, guidance
+        self.x1, self.z, self.y, self.step = x1, z, y, step
+        self.jvp_method, self.nan_policy, self.generator = jvp_method, nan_policy, generator
+        self._points, self._velocities = {}, {}
+        self.stats: dict[str, float] = {}
+        self.nan_masked = 0
+
+    def point(self, t):
+        key = id(t)
+        if key not in self._points:
+            tb = t.view(-1, *([1] * (self.x1.dim() - 1))).to(self.x1.dtype)
+            self._points[key] = (t, (1 - tb) * self.z + tb * self.x1)
+        return self._points[key][1]
+
+    def velocity(self, x, t):
+        key = (id(x), id(t))
+        if key not in self._velocities:
+            self._velocities[key] = (x, t, self.guidance(self.teacher, x, t, self.y))
+        return self._velocities[key][2]
+
+    def jvp(self, x, t, s, dx, dt, ds):
+        return flow_map_jvp(self.student_raw, x, t, s, self.y, dx, dt, ds, method=self.jvp_method)
+
+    def sanitize(self, target, pred):
+        """Replaces non-finite per-sample targets by sg(pred) (zero loss, zero gradient) and counts them."""
+        bad = ~torch.isfinite(target).flatten(1).all(1)
+        n_bad = int(bad.sum())
+        if n_bad:
+            if self.nan_policy == "skip":
+                raise NonFiniteTargetError(f"{n_bad} non-finite targets")
+            self.nan_masked += n_bad
+            keep = bad.view(-1, *([1] * (target.dim() - 1)))
+            target = torch.where(keep, pred.detach(), torch.nan_to_num(target))
+        return target
+
+    def record(self, name, value):
+        self.stats[name] = float(value)
+
+
+@register("objectives", "term")
+class Term(nn.Module):
+    """One objective entry: a loss on a selected cluster, with a weight, applied every k steps.
+
+    Args:
+      name: label used in logs (e.g. 'cm', 'fm', 'n2n').
+      selector: a selectors component (consistency, instantaneous, noise_to_noisy, general_pairs).
+      loss: a losses component (cm_loss, fm_loss, n2n_loss, meanflow_loss, ...).
+      weight: multiplier of this term's batch-mean loss.
+      every: apply on steps with step % every == 0 (paper: N2N every 3 steps).
+    """
+
+    def __init__(self, name: str, selector, loss, weight: float = 1.0, every: int = 1):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"term {name!r}: every must be ≥ 1, got {every}")
+        self.term_name, self.selector, self.loss = name, selector, loss
+        self.weight, self.every = weight, every
+
+    def active(self, step: int) -> bool:
+        return self.weight != 0 and step % self.every == 0
+
+
+@register("objectives", "objective")
+class Objective(nn.Module):
+    """Σ_terms weight · mean_batch(loss(selector(u))) with u from one time sampler per step.
+
+    Args:
+      terms: list of `term`s.
+      time_sampler: draws the base times u shared by the terms' selectors.
+      guidance: teacher guidance (cfg or no_guidance).
+      jvp_method: 'autograd' (torch.func.jvp, no grad, unwrapped module) or 'fd' (float64 central).
+      nan_policy: 'mask' (per-sample, counted) or 'skip' (the whole step, counted).
+    """
+
+    def __init__(self, terms=(), time_sampler=None, guidance=None, jvp_method: str = "autograd",
+                 nan_policy: str = "mask"):
+        super().__init__()
+        if nan_policy not in ("mask", "skip"):
+            raise ValueError(f"objective.nan_policy must be 'mask' or 'skip', got {nan_policy!r}")
+        if jvp_method not in ("autograd", "fd"):
+            raise ValueError(f"objective.jvp_method must be 'autograd' or 'fd', got {jvp_method!r}")
+        names = [t.term_name for t in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective term names must be unique, got {names}")
+        self.terms = nn.ModuleList(terms)
+        self.time_sampler = time_sampler or UniformSegmented()
+        self.guidance = guidance or NoGuidance()
+        self.jvp_method, self.nan_policy = jvp_method, nan_policy
+
+    def uses_jvp(self) -> bool:
+        from decm.method.losses import CMLoss, MeanFlowLoss, N2NLoss
+        return any(isinstance(t.loss, (CMLoss, MeanFlowLoss, N2NLoss)) for t in self.terms)
+
+    def forward(self, student, teacher, x1, y, step: int, generator: torch.Generator | None = None):
+        """Returns (total loss, stats dict, context). Raises NonFiniteTargetError under 'skip'."""
+        batch = x1.shape[0]
+        z = torch.randn(x1.shape, generator=generator, dtype=x1.dtype).to(x1.device)
+        u = self.time_sampler(batch, generator).to(x1.device, torch.float32)
+        ctx = Context(student, teacher, self.guidance, x1, z, y, step, self.jvp_method, self.nan_policy, generator)
+        total = x1.new_zeros(())
+        stats = {}
+        for term in self.terms:
+            if not term.active(step):
+                continue
+            t, s = term.selector(u, step, generator)
+            t, s = t.to(x1.device), s.to(x1.device)
+            value = term.loss(ctx, t, s).mean()
+            stats[f"loss/{term.term_name}"] = float(value.detach())
+            total = total + term.weight * value
+        stats["loss/total"] = float(total.detach())
+        stats["nan/masked_samples"] = ctx.nan_masked
+        stats.update(ctx.stats)
+        return total, stats, ctx
