@@ -1,0 +1,97 @@
+"""Atomic checkpoints with sentinels; resume from the newest *valid* one; nothing is ever deleted on error.
+
+Layout: `<dir>/ckpt-00001000.pt` (written to a temp file, fsynced, renamed) and then the sentinel
+`<dir>/ckpt-00001000.ok` holding the byte size. A checkpoint is valid when its sentinel exists, the
+size matches and `torch.load(weights_only=True)` succeeds. Contents are tensors and primitives only.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+
+import torch
+
+_NAME = re.compile(r"ckpt-(\d{8})\.pt$")
+
+
+class CheckpointWriteError(RuntimeError):
+    """Raised when a checkpoint cannot be written (the previous checkpoints are untouched)."""
+
+
+def path_for(directory: str, step: int) -> str:
+    return os.path.join(directory, f"ckpt-{step:08d}.pt")
+
+
+def save(directory: str, step: int, state: dict, keep_last: int = 0) -> str:
+    """Writes `state` atomically as step `step`; keeps the newest `keep_last` valid ones (0: keep all)."""
+    path = path_for(directory, step)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        size = os.path.getsize(path)
+        sentinel_tmp = path[:-3] + ".ok.tmp"
+        with open(sentinel_tmp, "w") as f:
+            f.write(f"{size}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(sentinel_tmp, path[:-3] + ".ok")
+    except OSError as e:
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except OSError:
+            pass
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    if keep_last > 0:
+        valid = [p for p in candidates(directory) if is_valid(p, load=False)]
+        for old in valid[keep_last:]:
+            os.remove(old)
+            os.remove(old[:-3] + ".ok")
+    return path
+
+
+def candidates(directory: str) -> list[str]:
+    """Checkpoint files in `directory`, newest step first."""
+    paths = [p for p in glob.glob(os.path.join(directory, "ckpt-*.pt")) if _NAME.search(p)]
+    return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)), reverse=True)
+
+
+def is_valid(path: str, load: bool = True) -> bool:
+    sentinel = path[:-3] + ".ok"
+    try:
+        with open(sentinel) as f:
+            size = int(f.read().strip())
+        if os.path.getsize(path) != size:
+            return False
+        if load:
+            torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception:
+        return False
+
+
+def step_of(path: str) -> int:
+    return int(_NAME.search(path).group(1))
+
+
+def latest_valid(directory: str, verbose: bool = True) -> tuple[str | None, dict | None]:
+    """(path, state) of the newest valid checkpoint, skipping (and reporting, never deleting) bad ones."""
+    for path in candidates(directory):
+        if not is_valid(path, load=False):
+            if verbose:
+                print(f"[decm] skipping invalid checkpoint {path} (missing sentinel or wrong size)", file=sys.stderr)
+            continue
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated / corrupt file with a valid-looking sentinel
+            if verbose:
+                print(f"[decm] skipping unreadable checkpoint {path}: {type(e).__name__}", file=sys.stderr)
+    return None, None

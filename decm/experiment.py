@@ -1,0 +1,83 @@
+"""An experiment: the stages one launch runs — teacher pretraining (cached), distillation, evaluation.
+
+Gin scopes separate the stages: `teacher/train.*` configures pretraining, `distill/train.*`
+distillation; unscoped `train.*` bindings apply to both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import gin
+
+from decm.eval.evaluate import evaluate
+from decm.train import train
+
+# Gin modules whose bindings cannot change a pretrained teacher (excluded from its cache key).
+_NOT_TEACHER = ("objectives.", "losses.", "selectors.", "n2n_variants.", "guidance.", "evaluate.",
+                "experiment.", "samplers.", "time_samplers.", "teachers.")
+
+
+def gin_statements(config: str) -> list[str]:
+    """Splits a gin config string into statements (continuation lines joined, comments dropped)."""
+    out = []
+    for line in config.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace() and out:
+            out[-1] += " " + line.strip()
+        else:
+            out.append(line.strip())
+    return out
+
+
+def teacher_key(config: str) -> str:
+    """Hash of the bindings that define the teacher: `teacher/`-scoped and unscoped data/model/train ones."""
+    keep = []
+    for stmt in gin_statements(config):
+        selector = stmt.split("=", 1)[0].strip()
+        scope, _, name = selector.rpartition("/")
+        if scope == "teacher" or (not scope and not name.startswith(_NOT_TEACHER)):
+            keep.append(stmt)
+    return hashlib.sha256("\n".join(sorted(keep)).encode()).hexdigest()[:12]
+
+
+@gin.configurable(denylist=["run_dir", "build_only"])
+def experiment(
+    run_dir: str,
+    build_only: bool = False,
+    stages=("distill", "evaluate"),      # subset of ('teacher', 'distill', 'evaluate'), run in this order
+    teacher_dir: str | None = None,      # teacher run dir; None: <cache_root>/teacher-<config hash>
+    cache_root: str = "runs/cache",      # where pretrained teachers are cached and reused
+):
+    """Runs the stages in order and writes `summary.json` in the run directory.
+
+    Args:
+      run_dir: the distillation run directory.
+      build_only: build every object of every stage (models on the meta device), run nothing.
+      stages: stages to run.
+      teacher_dir: explicit teacher run dir (reused when it holds a finished teacher).
+      cache_root: root of the teacher cache.
+    """
+    bad = [s for s in stages if s not in ("teacher", "distill", "evaluate")]
+    if bad:
+        raise ValueError(f"experiment.stages has unknown stages {bad}")
+    summary = {}
+    teacher_ckpt = teacher_dir
+    if "teacher" in stages:
+        teacher_ckpt = teacher_dir or os.path.join(cache_root, f"teacher-{teacher_key(gin.config_str())}")
+        with gin.config_scope("teacher"):
+            summary["teacher"] = train(run_dir=teacher_ckpt, stage="teacher", build_only=build_only)
+    if "distill" in stages:
+        with gin.config_scope("distill"):
+            summary["distill"] = train(run_dir=run_dir, stage="distill", teacher_checkpoint=teacher_ckpt,
+                                       build_only=build_only)
+    if "evaluate" in stages and not build_only:
+        with gin.config_scope("distill"):
+            summary["evaluate"] = evaluate(run_dir, teacher_checkpoint=teacher_ckpt if "teacher" in stages else teacher_dir)
+    if not build_only:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary

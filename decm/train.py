@@ -1,0 +1,240 @@
+"""The training loop, one for both stages (EDM2-style): teacher pretraining and DE-CM distillation.
+
+Resume: rerunning the same command continues from the newest valid checkpoint in
+`<run_dir>/checkpoints`; per-step randomness depends only on (seed, rank, step), so a resumed run is
+bit-identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+
+import gin
+import numpy as np
+import torch
+
+from decm import checkpoint
+from decm.method.jvp import unwrap
+from decm.method.objective import NonFiniteTargetError
+from decm.method.teachers import NetworkTeacher
+from decm.tracking import StatsWriter
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when too many consecutive steps are non-finite; the last good checkpoint is kept."""
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """A torch.Generator seeded from (seed, rank, step) only (independent of history)."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def backbone_kwargs(dataset) -> dict:
+    """Arguments a backbone factory takes from the dataset (images: size/channels; vectors: dim)."""
+    shape = tuple(dataset.shape)
+    if len(shape) == 3:
+        return dict(input_size=shape[-1], in_channels=shape[0], num_classes=dataset.num_classes)
+    return dict(dim=shape[0], num_classes=dataset.num_classes)
+
+
+def load_network_teacher(backbone, dataset, teacher_checkpoint: str, device):
+    """Builds the velocity backbone and loads the EMA weights of the newest valid teacher checkpoint."""
+    directory = os.path.join(teacher_checkpoint, "checkpoints") if os.path.isdir(
+        os.path.join(teacher_checkpoint, "checkpoints")) else teacher_checkpoint
+    path, state = checkpoint.latest_valid(directory)
+    if state is None:
+        raise FileNotFoundError(f"no valid teacher checkpoint in {directory!r} (set train.teacher_checkpoint)")
+    net = backbone(**backbone_kwargs(dataset), flow_map=False)
+    net.load_state_dict(state["ema"])
+    return net.to(device)
+
+
+def student_from_teacher(backbone, dataset, teacher_net):
+    """Flow-map student = teacher weights + a zero-initialised s-embedder (F = v at init for all s)."""
+    student = backbone(**backbone_kwargs(dataset), flow_map=True)
+    missing, unexpected = student.load_state_dict(teacher_net.state_dict(), strict=False)
+    bad = [k for k in missing if not k.startswith("s_embedder.")]
+    if bad or unexpected:
+        raise RuntimeError(f"student/teacher mismatch: missing {bad}, unexpected {unexpected}")
+    return student
+
+
+@gin.configurable(denylist=["run_dir", "stage", "teacher_checkpoint"])
+def train(
+    run_dir: str,
+    stage: str = "distill",              # 'teacher' (flow-matching pretraining) or 'distill' (DE-CM)
+    dataset=gin.REQUIRED,                # a datasets component instance
+    backbone=gin.REQUIRED,               # a backbones factory (not called: the dataset fills its shape)
+    objective=None,                      # objectives component; default per stage
+    teacher_source: str = "analytic",    # distill: 'analytic' (dataset's exact teacher) or 'checkpoint'
+    teacher_checkpoint: str | None = None,  # distill: teacher run dir or checkpoints dir
+    steps: int = 1000,                   # optimizer steps in total (resume continues to this count)
+    batch_size: int = 128,               # samples per step (per process)
+    lr: float = 1e-4,                    # AdamW learning rate (paper: 1e-4)
+    betas: tuple = (0.9, 0.999),         # AdamW betas
+    weight_decay: float = 0.0,           # AdamW weight decay
+    grad_clip: float = 1.0,              # max global grad norm (paper: 1.0); ≤ 0 disables
+    ema_decay: float = 0.999,            # EMA decay per step (warm-up min(decay, (1+k)/(10+k)))
+    seed: int = 0,                       # base seed; per-step randomness = f(seed, rank, step)
+    ckpt_every_steps: int = 500,         # checkpoint period in steps (the last step always saves)
+    ckpt_every_minutes: float = 0.0,     # extra time-based checkpoint period (0: off)
+    keep_last: int = 3,                  # valid checkpoints kept (0: all)
+    log_every_steps: int = 25,           # stats.jsonl period in steps
+    max_consecutive_bad_steps: int = 20,  # non-finite steps in a row before the run stops
+    device: str = "cpu",                 # 'cpu', 'cuda' or 'auto'
+    progress: bool = True,               # tqdm progress bar with loss and it/s
+    stop_after_steps: int = 0,           # testing/preemption aid: return after this many new steps (0: off)
+    build_only: bool = False,            # dry run: build every object (model on the meta device), train nothing
+):
+    """Runs one training stage in `run_dir` and returns a summary dict (see module docstring)."""
+    if stage not in ("teacher", "distill"):
+        raise ValueError(f"train.stage must be 'teacher' or 'distill', got {stage!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if build_only:
+        return build_summary(stage, dataset, backbone, objective, teacher_source)
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+
+    teacher = None
+    torch.manual_seed(seed)  # deterministic initialisation (the loop itself uses per-step generators)
+    if stage == "teacher":
+        from decm.method.pretrain import FlowMatchingPretrain
+
+        model = backbone(**backbone_kwargs(dataset), flow_map=False)
+        objective = objective if objective is not None else FlowMatchingPretrain()
+    else:
+        if objective is None:
+            raise ValueError("train.objective must be set for the distill stage")
+        if teacher_source == "analytic":
+            teacher = dataset.analytic_teacher()
+            model = backbone(**backbone_kwargs(dataset), flow_map=True)
+        elif teacher_source == "checkpoint":
+            if not teacher_checkpoint:
+                raise ValueError("distill with teacher_source='checkpoint' needs train.teacher_checkpoint")
+            teacher_net = load_network_teacher(backbone, dataset, teacher_checkpoint, device)
+            model = student_from_teacher(backbone, dataset, teacher_net)
+            teacher = NetworkTeacher(teacher_net)
+        else:
+            raise ValueError(f"train.teacher_source must be 'analytic' or 'checkpoint', got {teacher_source!r}")
+        teacher = teacher.to(device)
+    model = model.to(device)
+    objective = objective.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    params = list(model.parameters()) + [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+    start, totals = 0, {"nan_masked_samples": 0, "skipped_steps": 0}
+    path, state = checkpoint.latest_valid(ckpt_dir)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        objective.load_state_dict(state["objective"])
+        opt.load_state_dict(state["optimizer"])
+        start, totals = int(state["step"]), dict(state["totals"])
+        print(f"[decm] resuming {stage} from {path} at step {start}", file=sys.stderr)
+    stats_writer = StatsWriter(run_dir, resume_step=start)
+
+    def save(step):
+        checkpoint.save(ckpt_dir, step, {
+            "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+            "objective": objective.state_dict(), "optimizer": opt.state_dict(), "totals": dict(totals)},
+            keep_last=keep_last)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc=stage, disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    bad_in_a_row, last_ckpt_time, last_stats, new_steps = 0, time.time(), {}, 0
+    t0 = time.time()
+    for step in range(start, steps):
+        g = step_generator(seed, 0, step)
+        x1, y = dataset.batch(batch_size, g)
+        x1, y = x1.to(device), (y.to(device) if y is not None else None)
+        try:
+            loss, stats, _ = objective(model, teacher, x1, y, step, g)
+            ok = bool(torch.isfinite(loss))
+        except NonFiniteTargetError:
+            loss, stats, ok = None, {}, False
+        if ok:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+            ok = bool(torch.isfinite(grad_norm))
+            stats["grad_norm"] = float(grad_norm)
+        if ok:
+            opt.step()
+            with torch.no_grad():
+                decay = min(ema_decay, (1 + step) / (10 + step))
+                for p_ema, p in zip(ema.parameters(), unwrap(model).parameters()):
+                    p_ema.lerp_(p.detach(), 1 - decay)
+                for b_ema, b in zip(ema.buffers(), unwrap(model).buffers()):
+                    b_ema.copy_(b)
+            bad_in_a_row = 0
+            totals["nan_masked_samples"] += int(stats.get("nan/masked_samples", 0))
+        else:
+            opt.zero_grad(set_to_none=True)
+            bad_in_a_row += 1
+            totals["skipped_steps"] += 1
+            if bad_in_a_row > max_consecutive_bad_steps:
+                stats_writer.close()
+                bar.close()
+                raise TrainingDiverged(
+                    f"{bad_in_a_row} consecutive non-finite steps at step {step}; last good checkpoint kept in {ckpt_dir}")
+        done = step + 1
+        if step == start:
+            write_operative_config(run_dir)
+        if done % log_every_steps == 0 or done == steps:
+            record = {"step": done, **{k: v for k, v in stats.items() if k != "nan/masked_samples"},
+                      "nan/masked_total": totals["nan_masked_samples"], "nan/skipped_total": totals["skipped_steps"]}
+            stats_writer.write(record)
+            last_stats = record
+        bar.update(1)
+        if stats.get("loss/total") is not None:
+            bar.set_postfix(loss=f"{stats['loss/total']:.4f}")
+        new_steps += 1
+        timed = ckpt_every_minutes > 0 and time.time() - last_ckpt_time > 60 * ckpt_every_minutes
+        stopping = stop_after_steps > 0 and new_steps >= stop_after_steps
+        if done % ckpt_every_steps == 0 or done == steps or timed or stopping:
+            save(done)
+            last_ckpt_time = time.time()
+        if stopping and done < steps:
+            break
+    bar.close()
+    stats_writer.close()
+    if start >= steps and not os.path.exists(os.path.join(run_dir, "operative_config.gin")):
+        write_operative_config(run_dir)
+    elapsed = time.time() - t0
+    return {"stage": stage, "run_dir": run_dir, "step": max(start, min(steps, start + new_steps)),
+            "steps": steps, "seconds": elapsed, "last_stats": last_stats, "totals": totals}
+
+
+def build_summary(stage, dataset, backbone, objective, teacher_source) -> dict:
+    """Builds the stage's model on the meta device (no memory) and checks the stage's settings."""
+    if stage == "distill":
+        if objective is None:
+            raise ValueError("train.objective must be set for the distill stage")
+        if teacher_source not in ("analytic", "checkpoint"):
+            raise ValueError(f"train.teacher_source must be 'analytic' or 'checkpoint', got {teacher_source!r}")
+        if teacher_source == "analytic":
+            dataset.analytic_teacher()
+    with torch.device("meta"):
+        model = backbone(**backbone_kwargs(dataset), flow_map=stage == "distill")
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"stage": stage, "model": type(model).__name__, "parameters": n_params,
+            "data_shape": tuple(dataset.shape), "num_classes": dataset.num_classes,
+            "objective": type(objective).__name__ if objective is not None else "FlowMatchingPretrain"}
+
+
+def write_operative_config(run_dir: str) -> None:
+    """Writes gin's operative config (complete only after the first step has called everything)."""
+    path = os.path.join(run_dir, "operative_config.gin")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(gin.operative_config_str())
+    os.replace(tmp, path)

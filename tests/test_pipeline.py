@@ -1,0 +1,112 @@
+"""End-to-end launches: run directory contents, exact resume, dry run, bad input → exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from decm import checkpoint
+from decm.launch import main
+from decm.tracking import read_stats
+
+TINY = [
+    "experiment.stages = ('distill',)",
+    "distill/train.steps = 12",
+    "distill/train.batch_size = 32",
+    "distill/train.ckpt_every_steps = 4",
+    "distill/train.log_every_steps = 1",
+    "train.progress = False",
+    "backbones.mlp.width = 32",
+    "backbones.mlp.depth = 1",
+]
+
+
+def launch(tmp_path, name, extra=(), gin_file="gin/toy2d.gin"):
+    run_dir = str(tmp_path / name)
+    argv = ["--gin", gin_file, "--run-dir", run_dir]
+    for b in list(TINY) + list(extra):
+        argv += ["--bind", b]
+    return main(argv), run_dir
+
+
+def final_state(run_dir):
+    path, state = checkpoint.latest_valid(os.path.join(run_dir, "checkpoints"))
+    return state
+
+
+def test_tiny_launch_writes_run_directory(tmp_path):
+    rc, run_dir = launch(tmp_path, "a")
+    assert rc == 0
+    for name in ("config.gin", "operative_config.gin", "stats.jsonl", "summary.json", "gin/bindings.gin"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    assert [r["step"] for r in read_stats(run_dir)] == list(range(1, 13))
+    state = torch.load(checkpoint.path_for(os.path.join(run_dir, "checkpoints"), 12), weights_only=True)
+    assert state["step"] == 12
+    operative = open(os.path.join(run_dir, "operative_config.gin")).read()
+    assert "n2n_loss.lam = 0.5" in operative and "terms = " in operative
+
+
+def test_resume_is_bit_identical_to_uninterrupted(tmp_path):
+    rc, full = launch(tmp_path, "full")
+    assert rc == 0
+    # Same command, stopped after 5 steps (checkpoint at 5), then rerun to the end.
+    rc, part = launch(tmp_path, "part", ["distill/train.stop_after_steps = 5"])
+    assert rc == 0 and final_state(part)["step"] == 5
+    rc, part = launch(tmp_path, "part", ["distill/train.stop_after_steps = 5"])  # resumes 5 → 10
+    rc, part = launch(tmp_path, "part", ["distill/train.stop_after_steps = 5"])  # resumes 10 → 12
+    a, b = final_state(full), final_state(part)
+    assert b["step"] == 12
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert json.dumps(a["optimizer"]["state"], default=lambda t: t.tolist()) == \
+        json.dumps(b["optimizer"]["state"], default=lambda t: t.tolist())
+    assert read_stats(full) == read_stats(part)
+
+
+def test_resume_with_different_config_is_refused_unless_forced(tmp_path, capsys):
+    rc, run_dir = launch(tmp_path, "a")
+    rc2, _ = launch(tmp_path, "a", ["losses.n2n_loss.lam = 0.25"])
+    assert rc2 == 2
+    assert "different gin config" in capsys.readouterr().err
+    argv = ["--gin", "gin/toy2d.gin", "--run-dir", run_dir, "--force"]
+    for b in TINY + ["losses.n2n_loss.lam = 0.25"]:
+        argv += ["--bind", b]
+    assert main(argv) == 0
+
+
+def test_dry_run_trains_nothing(tmp_path, capsys):
+    run_dir = str(tmp_path / "dry")
+    assert main(["--gin", "gin/toy2d.gin", "--run-dir", run_dir, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "distill/train.steps" in out and '"parameters"' in out
+    assert not os.path.exists(run_dir)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--gin", "gin/does_not_exist.gin"], "gin file not found"),
+    (["--gin", "gin/toy2d.gin", "--bind", "train.no_such_arg = 3"], "no_such_arg"),
+    (["--gin", "gin/toy2d.gin", "--bind", "train.dataset = @datasets.no_such_dataset()"], "no_such_dataset"),
+    (["--gin", "gin/toy2d.gin", "--bind", "this is not gin"], "bad gin config"),
+    (["--gin", "gin/toy2d.gin", "--bind", "losses.cm_loss.target = 'wrong'"], "cm_loss.target"),
+    (["--gin", "gin/quickstart.gin", "--bind", "datasets.digits.image_size = 9"], "not divisible by patch_size"),
+])
+def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, argv, needle):
+    run_dir = tmp_path / "bad"
+    proc = subprocess.run([sys.executable, "-m", "decm.launch", *argv, "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 2, proc.stderr
+    err_lines = [l for l in proc.stderr.splitlines() if l.startswith("decm.launch: error:")]
+    assert len(err_lines) == 1 and needle in err_lines[0], proc.stderr
+    assert not run_dir.exists()
+
+
+def test_list_prints_every_kind():
+    proc = subprocess.run([sys.executable, "-m", "decm.launch", "--list"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0
+    for needle in ("time_samplers:", "uniform_segmented", "n2n_loss", "tangent_note", "cfg", "chain", "sit", "digits"):
+        assert needle in proc.stdout
