@@ -12,7 +12,15 @@ from decm.method.n2n import tangent_derived, tangent_note
 from decm.method.objective import Context
 from decm.method.teachers import ExactFlowMap, GaussianMixtureTeacher, GaussianTeacher, ode_flow
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Exact-reference checks run in float64; restored afterwards so other test files are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def gaussian(shape=(2,)):
