@@ -76,7 +76,7 @@ def experiment(
                                        build_only=build_only)
     if "evaluate" in stages and not build_only:
         with gin.config_scope("distill"):
-            summary["evaluate"] = evaluate(run_dir, teacher_checkpoint=teacher_ckpt if "teacher" in stages else teacher_dir)
+            summary["evaluate"] = evaluate(run_dir, teacher_checkpoint=teacher_ckpt)
     if not build_only:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)

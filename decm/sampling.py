@@ -10,10 +10,6 @@ import torch
 from decm.registry import register
 
 
-def bcast(t, x):
-    return t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-
-
 def time_grid(nfe: int, shift: float = 1.0, grid=None) -> list[float]:
     """nfe + 1 times from 0 to 1: uniform, or warped by a timestep shift t ↦ t/(t + shift·(1 − t)).
 

@@ -92,8 +92,7 @@ def train(
     build_only: bool = False,            # dry run: build every object (model on the meta device), train nothing
 ):
     """Runs one training stage in `run_dir` and returns a summary dict (see module docstring)."""
-    if stage not in ("teacher", "distill"):
-        raise ValueError(f"train.stage must be 'teacher' or 'distill', got {stage!r}")
+    check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -109,21 +108,13 @@ def train(
 
         model = backbone(**backbone_kwargs(dataset), flow_map=False)
         objective = objective if objective is not None else FlowMatchingPretrain()
+    elif teacher_source == "analytic":
+        teacher = dataset.analytic_teacher().to(device)
+        model = backbone(**backbone_kwargs(dataset), flow_map=True)
     else:
-        if objective is None:
-            raise ValueError("train.objective must be set for the distill stage")
-        if teacher_source == "analytic":
-            teacher = dataset.analytic_teacher()
-            model = backbone(**backbone_kwargs(dataset), flow_map=True)
-        elif teacher_source == "checkpoint":
-            if not teacher_checkpoint:
-                raise ValueError("distill with teacher_source='checkpoint' needs train.teacher_checkpoint")
-            teacher_net = load_network_teacher(backbone, dataset, teacher_checkpoint, device)
-            model = student_from_teacher(backbone, dataset, teacher_net)
-            teacher = NetworkTeacher(teacher_net)
-        else:
-            raise ValueError(f"train.teacher_source must be 'analytic' or 'checkpoint', got {teacher_source!r}")
-        teacher = teacher.to(device)
+        teacher_net = load_network_teacher(backbone, dataset, teacher_checkpoint, device)
+        model = student_from_teacher(backbone, dataset, teacher_net)
+        teacher = NetworkTeacher(teacher_net).to(device)
     model = model.to(device)
     objective = objective.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -150,7 +141,7 @@ def train(
     from tqdm import tqdm
 
     bar = tqdm(total=steps, initial=start, desc=stage, disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    bad_in_a_row, last_ckpt_time, last_stats, new_steps = 0, time.time(), {}, 0
+    bad_in_a_row, last_ckpt_time, last_stats, new_steps, done = 0, time.time(), {}, 0, start
     t0 = time.time()
     for step in range(start, steps):
         g = step_generator(seed, 0, step)
@@ -210,19 +201,28 @@ def train(
     if start >= steps and not os.path.exists(os.path.join(run_dir, "operative_config.gin")):
         write_operative_config(run_dir)
     elapsed = time.time() - t0
-    return {"stage": stage, "run_dir": run_dir, "step": max(start, min(steps, start + new_steps)),
+    return {"stage": stage, "run_dir": run_dir, "step": done,
             "steps": steps, "seconds": elapsed, "last_stats": last_stats, "totals": totals}
 
 
+def check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only) -> None:
+    """Validates the stage arguments (the same checks for dry runs and real runs)."""
+    if stage not in ("teacher", "distill"):
+        raise ValueError(f"train.stage must be 'teacher' or 'distill', got {stage!r}")
+    if stage == "teacher":
+        return
+    if objective is None:
+        raise ValueError("train.objective must be set for the distill stage")
+    if teacher_source not in ("analytic", "checkpoint"):
+        raise ValueError(f"train.teacher_source must be 'analytic' or 'checkpoint', got {teacher_source!r}")
+    if teacher_source == "checkpoint" and not teacher_checkpoint and not build_only:
+        raise ValueError("distill with teacher_source='checkpoint' needs train.teacher_checkpoint")
+
+
 def build_summary(stage, dataset, backbone, objective, teacher_source) -> dict:
-    """Builds the stage's model on the meta device (no memory) and checks the stage's settings."""
-    if stage == "distill":
-        if objective is None:
-            raise ValueError("train.objective must be set for the distill stage")
-        if teacher_source not in ("analytic", "checkpoint"):
-            raise ValueError(f"train.teacher_source must be 'analytic' or 'checkpoint', got {teacher_source!r}")
-        if teacher_source == "analytic":
-            dataset.analytic_teacher()
+    """Builds the stage's model on the meta device (no memory); arguments were checked by check_stage."""
+    if stage == "distill" and teacher_source == "analytic":
+        dataset.analytic_teacher()  # raises for datasets without an exact teacher
     with torch.device("meta"):
         model = backbone(**backbone_kwargs(dataset), flow_map=stage == "distill")
     n_params = sum(p.numel() for p in model.parameters())

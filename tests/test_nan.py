@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from decm.gin_free import decm_objective
-from decm.method.objective import NonFiniteTargetError
+from decm.method.objective import NonFiniteTargetError, decm_objective
 from decm.method.teachers import GaussianTeacher
 from decm.models.mlp import mlp
 

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from decm.method.shapes import bcast, per_sample_norm
 from decm.registry import register
-
-
-def _per_sample_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
 
 
 @register("guidance", "no_guidance")
@@ -50,8 +47,8 @@ class CFG:
             v = teacher(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
             v_cond, v_uncond = v.chunk(2)
             delta = v_cond - v_uncond
-            factor = torch.clamp(self.clip_norm / _per_sample_norm(delta).clamp_min(1e-12), max=1.0)
+            factor = bcast(torch.clamp(self.clip_norm / per_sample_norm(delta).clamp_min(1e-12), max=1.0), x)
             guided = v_cond + (self.scale - 1.0) * factor * delta
             lo, hi = self.interval
-            inside = ((t >= lo) & (t <= hi)).view(-1, *([1] * (x.dim() - 1)))
+            inside = bcast((t >= lo) & (t <= hi), x).bool()
             return torch.where(inside, guided, v_cond)

@@ -14,20 +14,12 @@ import torch
 from torch import nn
 
 from decm.method.n2n import tangent_derived
+from decm.method.shapes import bcast, per_sample_norm
 from decm.registry import register
-
-
-def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) → (B, 1, ..., 1) matching x."""
-    return t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b) ** 2).flatten(1).mean(1)
-
-
-def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).norm(dim=1)
 
 
 class LossTerm(nn.Module):

@@ -11,6 +11,7 @@ from torch import nn
 
 from decm.method.guidance import NoGuidance
 from decm.method.jvp import flow_map_jvp, unwrap
+from decm.method.shapes import bcast
 from decm.method.time_samplers import UniformSegmented
 from decm.registry import register
 
@@ -48,7 +49,7 @@ class Context:
     def point(self, t):
         key = id(t)
         if key not in self._points:
-            tb = t.view(-1, *([1] * (self.x1.dim() - 1))).to(self.x1.dtype)
+            tb = bcast(t, self.x1)
             self._points[key] = (t, (1 - tb) * self.z + tb * self.x1)
         return self._points[key][1]
 
@@ -69,8 +70,7 @@ class Context:
             if self.nan_policy == "skip":
                 raise NonFiniteTargetError(f"{n_bad} non-finite targets")
             self.nan_masked += n_bad
-            keep = bad.view(-1, *([1] * (target.dim() - 1)))
-            target = torch.where(keep, pred.detach(), torch.nan_to_num(target))
+            target = torch.where(bcast(bad, target).bool(), pred.detach(), torch.nan_to_num(target))
         return target
 
     def record(self, name, value):
@@ -151,3 +151,18 @@ class Objective(nn.Module):
         stats["nan/masked_samples"] = ctx.nan_masked
         stats.update(ctx.stats)
         return total, stats, ctx
+
+
+def decm_objective(lam: float = 0.5, gamma: float = 1.0, n2n_every: int = 3, nan_policy: str = "mask",
+                   guidance=None) -> Objective:
+    """The DE-CM objective built without gin, with the defaults of gin/method/decm.gin.
+
+    L_cm (FACM target) + L_fm + L_n2n every `n2n_every` steps, stratified time sampling.
+    """
+    from decm.method.losses import CMLoss, FMLoss, N2NLoss
+    from decm.method.selectors import Consistency, Instantaneous, NoiseToNoisy
+
+    return Objective(
+        terms=[Term("cm", Consistency(), CMLoss()), Term("fm", Instantaneous(), FMLoss()),
+               Term("n2n", NoiseToNoisy(), N2NLoss(lam=lam, gamma=gamma), every=n2n_every)],
+        time_sampler=UniformSegmented(), guidance=guidance or NoGuidance(), nan_policy=nan_policy)

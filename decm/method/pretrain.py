@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from decm.method.jvp import unwrap
+from decm.method.shapes import bcast
 from decm.method.time_samplers import Uniform
 from decm.registry import register
 
@@ -30,7 +31,7 @@ class FlowMatchingPretrain(nn.Module):
         drop = torch.rand(x1.shape[0], generator=generator).to(x1.device) < self.label_dropout
         if y is not None:
             y = torch.where(drop, torch.full_like(y, unwrap(model).num_classes), y)
-        tb = t.view(-1, *([1] * (x1.dim() - 1)))
+        tb = bcast(t, x1)
         x_t = (1 - tb) * z + tb * x1
         target = x1 - z
         per_sample = ((model(x_t, t, t, y) - target) ** 2).flatten(1).mean(1)

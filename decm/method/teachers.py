@@ -12,11 +12,8 @@ import math
 import torch
 from torch import nn
 
+from decm.method.shapes import bcast
 from decm.registry import register
-
-
-def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
 def _gauss_scale(t, sigma2):
@@ -55,13 +52,13 @@ class GaussianTeacher(AnalyticTeacher):
         self.shape = tuple(shape)
 
     def forward(self, x, t, y=None):
-        mu, tb = self.mu.to(x.dtype), _bcast(t, x)
+        mu, tb = self.mu.to(x.dtype), bcast(t, x)
         s_t2 = (1 - tb) ** 2 + tb ** 2 * self.sigma2
         return mu + ((tb * self.sigma2 - (1 - tb)) / s_t2) * (x - tb * mu)
 
     def average_velocity(self, x, t, s, y=None):
         """Exact F(x, t, s) = (f(x,t,s) − x)/(s − t), closed form, valid at s = t."""
-        mu, tb, sb = self.mu.to(x.dtype), _bcast(t, x), _bcast(s, x)
+        mu, tb, sb = self.mu.to(x.dtype), bcast(t, x), bcast(s, x)
         st, ss = _gauss_scale(tb, self.sigma2), _gauss_scale(sb, self.sigma2)
         coef = ((sb + tb) * (1 + self.sigma2) - 2) / ((ss + st) * st)
         return mu + coef * (x - tb * mu)
@@ -131,7 +128,7 @@ def ode_flow(velocity, x, t, s, y=None, steps: int = 200):
     x = x.double()
     t, s = t.double(), s.double()
     h = (s - t) / steps
-    hb = h.view(-1, *([1] * (x.dim() - 1)))
+    hb = bcast(h, x)
     tau = t.clone()
     for _ in range(steps):
         k1 = velocity(x, tau, y)
@@ -159,7 +156,7 @@ class ExactFlowMap(nn.Module):
 
     def forward(self, x, t, s, y=None):
         f = self.teacher.average_velocity(x, t, s, y)
-        tb, sb = _bcast(t, x), _bcast(s, x)
+        tb, sb = bcast(t, x), bcast(s, x)
         return f + self.eps.to(x.dtype) * torch.sin(x + tb + 2 * sb)
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from decm.models.sit import at_least_fp32
+from decm.models.sit import at_least_fp32, flow_map_condition
 from decm.registry import register
 
 
@@ -61,13 +61,7 @@ class FlowMapMLP(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
 
     def forward(self, x, t, s=None, y=None):
-        c = self.t_embedder(t)
-        if self.s_embedder is not None:
-            c = c + self.s_embedder(t if s is None else s)
-        if self.y_embedder is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            c = c + self.y_embedder(y)
+        c = flow_map_condition(self, t, s, y)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, c)

@@ -41,6 +41,22 @@ def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def flow_map_condition(model, t, s, y):
+    """The condition t_emb(t) + s_emb(s) + y_emb(y) shared by every flow-map backbone.
+
+    s_emb is absent on velocity models and zero at initialisation on students (so F = v for any s);
+    s = None means s = t; y = None means the null class `model.num_classes`.
+    """
+    c = model.t_embedder(t)
+    if model.s_embedder is not None:
+        c = c + model.s_embedder(t if s is None else s)
+    if model.y_embedder is not None:
+        if y is None:
+            y = torch.full((t.shape[0],), model.num_classes, dtype=torch.long, device=t.device)
+        c = c + model.y_embedder(y)
+    return c
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -286,13 +302,7 @@ class FlowMapDiT(nn.Module):
     def forward(self, x, t, s=None, y=None):
         """F(x, t, s, y); s is ignored by a plain velocity model (flow_map=False); s = None means s = t."""
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t)
-        if self.s_embedder is not None:
-            c = c + self.s_embedder(t if s is None else s)
-        if self.y_embedder is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            c = c + self.y_embedder(y)
+        c = flow_map_condition(self, t, s, y)
         c = c.to(h.dtype)
         for block in self.blocks:
             h = block(h, c, self.feat_rope)
