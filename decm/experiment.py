@@ -12,12 +12,13 @@ import os
 
 import gin
 
+from decm import distributed, preemption
 from decm.eval.evaluate import evaluate
 from decm.train import train
 
 # Gin modules whose bindings cannot change a pretrained teacher (excluded from its cache key).
 _NOT_TEACHER = ("objectives.", "losses.", "selectors.", "n2n_variants.", "guidance.", "evaluate.",
-                "experiment.", "samplers.", "time_samplers.", "teachers.")
+                "experiment.", "samplers.", "time_samplers.", "teachers.", "cluster.")
 
 
 def gin_statements(config: str) -> list[str]:
@@ -65,7 +66,7 @@ def experiment(
     if bad:
         raise ValueError(f"experiment.stages has unknown stages {bad}")
     summary = {}
-    teacher_ckpt = teacher_dir
+    teacher_ckpt = teacher_dir or None
     if "teacher" in stages:
         teacher_ckpt = teacher_dir or os.path.join(cache_root, f"teacher-{teacher_key(gin.config_str())}")
         with gin.config_scope("teacher"):
@@ -74,6 +75,13 @@ def experiment(
         with gin.config_scope("distill"):
             summary["distill"] = train(run_dir=run_dir, stage="distill", teacher_checkpoint=teacher_ckpt,
                                        build_only=build_only)
+        if build_only and "teacher" not in stages and teacher_ckpt and not os.path.exists(teacher_ckpt):
+            summary["distill"]["missing_inputs"].append(f"teacher not found: {teacher_ckpt} (set experiment.teacher_dir)")
+    if preemption.requested():
+        raise preemption.Preempted("preempted between stages")
+    rank = (distributed.env_ranks() or (0, 1, 0))[0]
+    if rank != 0:  # evaluation and the summary are rank 0's job
+        return summary
     if "evaluate" in stages and not build_only:
         with gin.config_scope("distill"):
             summary["evaluate"] = evaluate(run_dir, teacher_checkpoint=teacher_ckpt)

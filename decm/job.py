@@ -44,6 +44,7 @@ def one_line(e: BaseException) -> str:
 def parse(gin_files, bindings) -> str:
     """Parses gin files + bindings (unknown keys are errors) and returns the resolved config string."""
     registry.import_all()
+    import decm.cluster  # noqa: F401  (registers cluster)
     import decm.experiment  # noqa: F401  (registers train / evaluate / experiment)
 
     for path in gin_files:
@@ -58,16 +59,46 @@ def parse(gin_files, bindings) -> str:
     return gin.config_str()
 
 
-def build(run_dir: str) -> dict:
-    """Builds every object of the parsed experiment without running it (dry run / validation)."""
+def build(run_dir: str, require_inputs: bool = False) -> dict:
+    """Builds every object of the parsed experiment without running it (dry run / validation).
+
+    With `require_inputs`, a missing input file (latents, teacher checkpoint) is a ConfigError naming
+    the gin binding to set; otherwise the summary lists them under `missing_inputs`.
+    """
     from decm.experiment import experiment
 
     try:
-        return experiment(run_dir, build_only=True)
+        summary = experiment(run_dir, build_only=True)
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(one_line(e)) from None
+    missing = [m for stage in summary.values() if isinstance(stage, dict) for m in stage.get("missing_inputs", [])]
+    if require_inputs and missing:
+        raise ConfigError(missing[0])
+    return summary
+
+
+def without_cluster(config: str) -> str:
+    """The config minus `cluster.*` statements (resources may change between submissions of one run)."""
+    from decm.experiment import gin_statements
+
+    return "\n".join(st for st in gin_statements(config) if not st.startswith("cluster."))
+
+
+def wait_for_snapshot(spec: RunSpec, config: str, timeout_s: float = 600.0) -> None:
+    """Ranks > 0 under torchrun: wait until rank 0 has written this config's snapshot."""
+    import time
+
+    snap = os.path.join(spec.run_dir, "config.gin")
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if os.path.exists(snap):
+            with open(snap) as f:
+                if without_cluster(f.read()) == without_cluster(config):
+                    return
+        time.sleep(0.5)
+    raise ConfigError(f"rank 0 did not write {snap} within {timeout_s:.0f} s")
 
 
 def prepare(spec: RunSpec) -> str:
@@ -77,12 +108,12 @@ def prepare(spec: RunSpec) -> str:
     config is refused unless `spec.force`.
     """
     config = parse(spec.gin_files, spec.bindings)
-    build(spec.run_dir)
+    build(spec.run_dir, require_inputs=True)
     snap = os.path.join(spec.run_dir, "config.gin")
     if os.path.exists(snap):
         with open(snap) as f:
             old = f.read()
-        if old != config and not spec.force:
+        if without_cluster(old) != without_cluster(config) and not spec.force:
             raise ConfigError(f"{spec.run_dir} was launched with a different gin config; "
                               "use another --run-dir or --force to resume anyway")
     os.makedirs(os.path.join(spec.run_dir, "gin"), exist_ok=True)
@@ -103,3 +134,55 @@ def run(spec: RunSpec) -> dict:
 
     parse([os.path.join(spec.run_dir, "config.gin")], [])
     return experiment(spec.run_dir)
+
+
+class Job:
+    """What submitit runs (local-subprocess or Slurm): plain data in, `run(spec)` inside the job.
+
+    Checkpointable: on SIGUSR2 (time-out or preemption) the training loop stops at a step boundary
+    and writes a checkpoint (decm.preemption); `checkpoint()` then resubmits the same plain RunSpec,
+    and the requeued job resumes from the newest valid checkpoint in the run directory.
+
+    Args:
+      spec: the RunSpec (gin files, bindings, run dir).
+    """
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+
+    def __call__(self) -> dict:
+        from decm import distributed, preemption
+
+        _export_submitit_distributed_env()
+        preemption.install()
+        try:
+            return run(self.spec)
+        except preemption.Preempted as e:
+            print(f"[decm] {str(e).splitlines()[0]}; handing over to submitit to requeue", flush=True)
+            preemption.hand_off()  # rank 0 under submitit: checkpoint() + requeue + exit (does not return)
+            if (distributed.env_ranks() or (0, 1, 0))[0] != 0:
+                return {"preempted": True}  # other ranks: the requeue ends this allocation
+            raise  # no submitit handler (in-process run): report the stop
+        finally:
+            distributed.shutdown()
+
+    def checkpoint(self, *args, **kwargs):
+        """Resubmits the same plain-data spec (state lives in the run directory, never in the pickle)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(Job(self.spec))
+
+    def __repr__(self) -> str:
+        return f"Job(run_dir={self.spec.run_dir!r})"
+
+
+def _export_submitit_distributed_env() -> None:
+    """Inside a submitit job with several tasks, exports RANK/WORLD_SIZE/MASTER_* for decm.distributed."""
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job
+        return
+    if env.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

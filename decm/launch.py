@@ -1,7 +1,13 @@
 """decm launcher: `python -m decm.launch --gin gin/quickstart.gin [--bind 'X.y = z'] [--dry-run]`.
 
-Bad input (missing gin file, unknown binding, wrong value, impossible shapes) prints one line and exits
-with code 2 before any run directory is created. Rerunning the same command resumes the same run.
+Backends (`--backend` or `cluster.backend` in gin): `local` runs in this process (default; also one
+rank under torchrun), `local-subprocess` submits to submitit's local executor, `slurm` submits an sbatch
+job through submitit with the `cluster.*` resources (gin/cluster/*.gin). The submitted object is plain
+data; the job re-parses `<run_dir>/config.gin`.
+
+Bad input (missing gin file, unknown binding, wrong value, impossible shapes, missing latents or
+teacher checkpoint) prints one line and exits with code 2 before any run directory is created or any
+job is submitted. Rerunning the same command resumes the same run.
 """
 
 from __future__ import annotations
@@ -29,13 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, build every object, train nothing")
     p.add_argument("--force", action="store_true", help="resume even if the gin config differs from the run's snapshot")
     p.add_argument("--list", action="store_true", help="list registered components by kind and exit")
+    p.add_argument("--backend", default=None, choices=("local", "local-subprocess", "slurm"),
+                   help="where to run (default: cluster.backend from gin, else local)")
+    p.add_argument("--wait", action="store_true", help="with a submitit backend: wait for the job and print its summary")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from decm import registry
-    from decm.job import ConfigError, RunSpec, build, one_line, parse, prepare, run
+    from decm.cluster import cluster, folder_for, sbatch_script, submit, with_backend
+    from decm.distributed import env_ranks
+    from decm.job import ConfigError, RunSpec, build, one_line, parse, prepare, run, wait_for_snapshot
 
     if args.list:
         print(registry.listing())
@@ -46,21 +57,40 @@ def main(argv=None) -> int:
     run_dir = args.run_dir or default_run_dir(args.gin, args.bind)
     spec = RunSpec(tuple(args.gin), tuple(args.bind), run_dir, args.force)
     try:
+        config = parse(spec.gin_files, spec.bindings)
+        resources = with_backend(cluster(), args.backend)
         if args.dry_run:
-            config = parse(spec.gin_files, spec.bindings)
             summary = build(run_dir)
             print(config)
-            print(json.dumps({"run_dir": run_dir, "dry_run": summary}, indent=2, default=str))
+            print(json.dumps({"run_dir": run_dir, "backend": resources.backend, "dry_run": summary},
+                             indent=2, default=str))
+            if resources.backend == "slurm":
+                print("\n# sbatch script submitit would submit:\n" + sbatch_script(resources, run_dir))
+            elif resources.backend == "local-subprocess":
+                print(f"\n# submitit LocalExecutor: {resources.tasks} task(s), timeout {resources.timeout_min} min")
             return 0
-        prepare(spec)
-        summary = run(spec)
+        rank = (env_ranks() or (0, 1, 0))[0]
+        if rank == 0:
+            prepare(spec)
+        else:
+            wait_for_snapshot(spec, config)
+        if resources.backend == "local":
+            summary = run(spec)
+        else:
+            job = submit(spec, resources)
+            print(f"submitted {resources.backend} job {job.job_id}; run directory {run_dir}; "
+                  f"logs {folder_for(resources, run_dir)}/{job.job_id}/")
+            if not args.wait:
+                return 0
+            summary = job.result()
     except ConfigError as e:
         print(f"decm.launch: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"decm.launch: error: {one_line(e)}", file=sys.stderr)
         return 2
-    print_summary(run_dir, summary)
+    if rank == 0:
+        print_summary(run_dir, summary)
     return 0
 
 

@@ -17,8 +17,7 @@ import gin
 import numpy as np
 import torch
 
-from decm import checkpoint
-from decm.method.jvp import unwrap
+from decm import checkpoint, distributed, preemption
 from decm.method.objective import NonFiniteTargetError
 from decm.method.teachers import NetworkTeacher
 from decm.tracking import StatsWriter
@@ -42,14 +41,26 @@ def backbone_kwargs(dataset) -> dict:
     return dict(dim=shape[0], num_classes=dataset.num_classes)
 
 
-def load_network_teacher(backbone, dataset, teacher_checkpoint: str, device):
-    """Builds the velocity backbone and loads the EMA weights of the newest valid teacher checkpoint."""
+TEACHER_SOURCES = ("analytic", "checkpoint", "sit", "lightningdit")
+
+
+def load_network_teacher(backbone, dataset, teacher_source: str, teacher_checkpoint: str, device):
+    """Builds the velocity backbone and loads the teacher's weights.
+
+    'checkpoint': the EMA of the newest valid checkpoint of a decm teacher run (dir or checkpoints dir);
+    'sit' / 'lightningdit': an official checkpoint file (decm.models.official: names and shapes checked).
+    """
+    net = backbone(**backbone_kwargs(dataset), flow_map=False)
+    if teacher_source in ("sit", "lightningdit"):
+        from decm.models.official import load_official
+
+        load_official(teacher_checkpoint, net, teacher_source)
+        return net.to(device)
     directory = os.path.join(teacher_checkpoint, "checkpoints") if os.path.isdir(
         os.path.join(teacher_checkpoint, "checkpoints")) else teacher_checkpoint
     path, state = checkpoint.latest_valid(directory)
     if state is None:
-        raise FileNotFoundError(f"no valid teacher checkpoint in {directory!r} (set train.teacher_checkpoint)")
-    net = backbone(**backbone_kwargs(dataset), flow_map=False)
+        raise FileNotFoundError(f"no valid teacher checkpoint in {directory!r} (set experiment.teacher_dir)")
     net.load_state_dict(state["ema"])
     return net.to(device)
 
@@ -71,10 +82,10 @@ def train(
     dataset=gin.REQUIRED,                # a datasets component instance
     backbone=gin.REQUIRED,               # a backbones factory (not called: the dataset fills its shape)
     objective=None,                      # objectives component; default per stage
-    teacher_source: str = "analytic",    # distill: 'analytic' (dataset's exact teacher) or 'checkpoint'
-    teacher_checkpoint: str | None = None,  # distill: teacher run dir or checkpoints dir
+    teacher_source: str = "analytic",    # distill: 'analytic', 'checkpoint' (decm run), 'sit' or 'lightningdit' (official file)
+    teacher_checkpoint: str | None = None,  # distill: teacher run dir / checkpoints dir / official .pt file
     steps: int = 1000,                   # optimizer steps in total (resume continues to this count)
-    batch_size: int = 128,               # samples per step (per process)
+    batch_size: int = 128,               # samples per step *per process* (global batch = batch_size × world size)
     lr: float = 1e-4,                    # AdamW learning rate (paper: 1e-4)
     betas: tuple = (0.9, 0.999),         # AdamW betas
     weight_decay: float = 0.0,           # AdamW weight decay
@@ -82,24 +93,66 @@ def train(
     ema_decay: float = 0.999,            # EMA decay per step (warm-up min(decay, (1+k)/(10+k)))
     seed: int = 0,                       # base seed; per-step randomness = f(seed, rank, step)
     ckpt_every_steps: int = 500,         # checkpoint period in steps (the last step always saves)
-    ckpt_every_minutes: float = 0.0,     # extra time-based checkpoint period (0: off)
+    ckpt_every_minutes: float = 0.0,     # extra time-based checkpoint period, bounds lost work on a crash (0: off)
     keep_last: int = 3,                  # valid checkpoints kept (0: all)
     log_every_steps: int = 25,           # stats.jsonl period in steps
     max_consecutive_bad_steps: int = 20,  # non-finite steps in a row before the run stops
-    device: str = "cpu",                 # 'cpu', 'cuda' or 'auto'
-    progress: bool = True,               # tqdm progress bar with loss and it/s
+    device: str = "cpu",                 # 'cpu', 'cuda' (cuda:<local rank>) or 'auto'
+    precision: str = "fp32",             # 'fp32' or 'bf16' (autocast; JVP and time embeddings stay fp32)
+    progress: bool = True,               # tqdm progress bar with loss and it/s (rank 0)
     stop_after_steps: int = 0,           # testing/preemption aid: return after this many new steps (0: off)
+    snapshot_every_steps: int = 0,       # distill: fixed-noise EMA samples + stats every k steps (0: off)
     build_only: bool = False,            # dry run: build every object (model on the meta device), train nothing
 ):
-    """Runs one training stage in `run_dir` and returns a summary dict (see module docstring)."""
+    """Runs one training stage in `run_dir` and returns a summary dict.
+
+    Distributed when the environment describes several processes (torchrun / Slurm, see
+    decm.distributed): DDP wraps the model for the with-grad forward, the JVP runs on the unwrapped
+    module, rank 0 alone writes checkpoints and stats. A preemption request (SIGUSR2 under submitit)
+    is honoured at the next step boundary: a checkpoint of that step is written, then `Preempted`.
+
+    Args:
+      run_dir: where checkpoints/, stats.jsonl and operative_config.gin go.
+      stage: 'teacher' or 'distill'.
+      dataset: datasets component.
+      backbone: backbones factory.
+      objective: objectives component (teacher stage: flow_matching_pretrain by default).
+      teacher_source: where the distillation teacher comes from.
+      teacher_checkpoint: path for teacher_source 'checkpoint', 'sit' or 'lightningdit'.
+      steps: total optimizer steps.
+      batch_size: samples per step per process.
+      lr: AdamW learning rate.
+      betas: AdamW betas.
+      weight_decay: AdamW weight decay.
+      grad_clip: max gradient norm (≤ 0: off).
+      ema_decay: EMA decay per step.
+      seed: base seed.
+      ckpt_every_steps: checkpoint period (steps).
+      ckpt_every_minutes: extra checkpoint period (minutes, 0: off).
+      keep_last: checkpoints kept.
+      log_every_steps: stats period (steps).
+      max_consecutive_bad_steps: non-finite steps in a row tolerated.
+      device: 'cpu', 'cuda' or 'auto'.
+      precision: 'fp32' or 'bf16'.
+      progress: show a progress bar.
+      stop_after_steps: stop after this many new steps (0: off).
+      snapshot_every_steps: evaluation hook period (decm.snapshots; distill only; 0: off).
+      build_only: build on the meta device and return a summary.
+    """
     check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {precision!r}")
     if build_only:
-        return build_summary(stage, dataset, backbone, objective, teacher_source)
-    os.makedirs(run_dir, exist_ok=True)
+        summary = build_summary(stage, dataset, backbone, objective, teacher_source)
+        summary["missing_inputs"] = missing_inputs(dataset, teacher_source, teacher_checkpoint)
+        return summary
+    info = distributed.init(device)
+    device = info.device
+    if hasattr(dataset, "check"):
+        dataset.check()  # e.g. latents: a one-line error naming the binding when files are missing
     ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if info.main:
+        os.makedirs(run_dir, exist_ok=True)
 
     teacher = None
     torch.manual_seed(seed)  # deterministic initialisation (the loop itself uses per-step generators)
@@ -112,7 +165,7 @@ def train(
         teacher = dataset.analytic_teacher().to(device)
         model = backbone(**backbone_kwargs(dataset), flow_map=True)
     else:
-        teacher_net = load_network_teacher(backbone, dataset, teacher_checkpoint, device)
+        teacher_net = load_network_teacher(backbone, dataset, teacher_source, teacher_checkpoint, device)
         model = student_from_teacher(backbone, dataset, teacher_net)
         teacher = NetworkTeacher(teacher_net).to(device)
     model = model.to(device)
@@ -129,29 +182,54 @@ def train(
         objective.load_state_dict(state["objective"])
         opt.load_state_dict(state["optimizer"])
         start, totals = int(state["step"]), dict(state["totals"])
-        print(f"[decm] resuming {stage} from {path} at step {start}", file=sys.stderr)
-    stats_writer = StatsWriter(run_dir, resume_step=start)
+        if info.main:
+            print(f"[decm] resuming {stage} from {path} at step {start}", file=sys.stderr)
+    del state
+    distributed.barrier(info)  # every rank has loaded before rank 0 may write (and prune) checkpoints
+    wrapped = model
+    if info.distributed:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    stats_writer = StatsWriter(run_dir, resume_step=start) if info.main else None
 
     def save(step):
-        checkpoint.save(ckpt_dir, step, {
-            "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-            "objective": objective.state_dict(), "optimizer": opt.state_dict(), "totals": dict(totals)},
-            keep_last=keep_last)
+        if info.main:
+            checkpoint.save(ckpt_dir, step, {
+                "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                "objective": objective.state_dict(), "optimizer": opt.state_dict(), "totals": dict(totals)},
+                keep_last=keep_last)
+        distributed.barrier(info)
+
+    def close():
+        bar.close()
+        if stats_writer is not None:
+            stats_writer.close()
 
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, initial=start, desc=stage, disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=steps, initial=start, desc=stage, disable=not (progress and info.main), dynamic_ncols=True,
+               file=sys.stderr)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     bad_in_a_row, last_ckpt_time, last_stats, new_steps, done = 0, time.time(), {}, 0, start
     t0 = time.time()
     for step in range(start, steps):
-        g = step_generator(seed, 0, step)
-        x1, y = dataset.batch(batch_size, g)
+        if distributed.any_true(preemption.requested(), info):
+            save(step)
+            close()
+            raise preemption.Preempted(f"{stage}: preempted at step {step}; checkpoint written to {ckpt_dir}")
+        g = step_generator(seed, info.rank, step)
+        if hasattr(dataset, "batch_at"):
+            x1, y = dataset.batch_at(step, batch_size, info.rank, info.world_size)
+        else:
+            x1, y = dataset.batch(batch_size, g)
         x1, y = x1.to(device), (y.to(device) if y is not None else None)
         try:
-            loss, stats, _ = objective(model, teacher, x1, y, step, g)
+            with autocast:
+                loss, stats, _ = objective(wrapped, teacher, x1, y, step, g)
             ok = bool(torch.isfinite(loss))
         except NonFiniteTargetError:
             loss, stats, ok = None, {}, False
+        ok = not distributed.any_true(not ok, info)  # all ranks skip together (DDP needs every backward)
         if ok:
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -162,9 +240,9 @@ def train(
             opt.step()
             with torch.no_grad():
                 decay = min(ema_decay, (1 + step) / (10 + step))
-                for p_ema, p in zip(ema.parameters(), unwrap(model).parameters()):
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
                     p_ema.lerp_(p.detach(), 1 - decay)
-                for b_ema, b in zip(ema.buffers(), unwrap(model).buffers()):
+                for b_ema, b in zip(ema.buffers(), model.buffers()):
                     b_ema.copy_(b)
             bad_in_a_row = 0
             totals["nan_masked_samples"] += int(stats.get("nan/masked_samples", 0))
@@ -173,36 +251,43 @@ def train(
             bad_in_a_row += 1
             totals["skipped_steps"] += 1
             if bad_in_a_row > max_consecutive_bad_steps:
-                stats_writer.close()
-                bar.close()
+                close()
                 raise TrainingDiverged(
                     f"{bad_in_a_row} consecutive non-finite steps at step {step}; last good checkpoint kept in {ckpt_dir}")
         done = step + 1
-        if step == start:
+        if step == start and info.main:
             write_operative_config(run_dir)
         if done % log_every_steps == 0 or done == steps:
             record = {"step": done, **{k: v for k, v in stats.items() if k != "nan/masked_samples"},
                       "nan/masked_total": totals["nan_masked_samples"], "nan/skipped_total": totals["skipped_steps"]}
-            stats_writer.write(record)
+            if stats_writer is not None:
+                stats_writer.write(record)
             last_stats = record
         bar.update(1)
         if stats.get("loss/total") is not None:
             bar.set_postfix(loss=f"{stats['loss/total']:.4f}")
         new_steps += 1
         timed = ckpt_every_minutes > 0 and time.time() - last_ckpt_time > 60 * ckpt_every_minutes
+        timed = distributed.any_true(timed, info) if ckpt_every_minutes > 0 else False
         stopping = stop_after_steps > 0 and new_steps >= stop_after_steps
         if done % ckpt_every_steps == 0 or done == steps or timed or stopping:
             save(done)
             last_ckpt_time = time.time()
+        if snapshot_every_steps and stage == "distill" and info.main and done % snapshot_every_steps == 0:
+            from decm.snapshots import snapshot
+
+            snapshot(ema, dataset, done, run_dir, device)
         if stopping and done < steps:
             break
-    bar.close()
-    stats_writer.close()
-    if start >= steps and not os.path.exists(os.path.join(run_dir, "operative_config.gin")):
+    close()
+    if info.main and start >= steps and not os.path.exists(os.path.join(run_dir, "operative_config.gin")):
         write_operative_config(run_dir)
     elapsed = time.time() - t0
-    return {"stage": stage, "run_dir": run_dir, "step": done,
-            "steps": steps, "seconds": elapsed, "last_stats": last_stats, "totals": totals}
+    with torch.no_grad():
+        checksum = float(sum(p.double().square().sum() for p in model.parameters()))
+    return {"stage": stage, "run_dir": run_dir, "step": done, "steps": steps, "seconds": elapsed,
+            "last_stats": last_stats, "totals": totals, "world_size": info.world_size, "rank": info.rank,
+            "param_checksum": checksum}
 
 
 def check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only) -> None:
@@ -213,10 +298,27 @@ def check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only
         return
     if objective is None:
         raise ValueError("train.objective must be set for the distill stage")
-    if teacher_source not in ("analytic", "checkpoint"):
-        raise ValueError(f"train.teacher_source must be 'analytic' or 'checkpoint', got {teacher_source!r}")
-    if teacher_source == "checkpoint" and not teacher_checkpoint and not build_only:
-        raise ValueError("distill with teacher_source='checkpoint' needs train.teacher_checkpoint")
+    if teacher_source not in TEACHER_SOURCES:
+        raise ValueError(f"train.teacher_source must be one of {TEACHER_SOURCES}, got {teacher_source!r}")
+    if teacher_source != "analytic" and not teacher_checkpoint and not build_only:
+        raise ValueError(f"distill with teacher_source={teacher_source!r} needs a teacher: "
+                         "set experiment.teacher_dir")
+
+
+def missing_inputs(dataset, teacher_source, teacher_checkpoint) -> list[str]:
+    """One line per input file the run needs that is not on disk (dry runs list them; launches refuse)."""
+    out = []
+    if hasattr(dataset, "check"):
+        try:
+            dataset.check()
+        except (FileNotFoundError, ValueError) as e:
+            out.append(str(e))
+    if teacher_source in ("sit", "lightningdit"):
+        if not teacher_checkpoint:
+            out.append(f"teacher_source={teacher_source!r} needs the official checkpoint file: set experiment.teacher_dir")
+        elif not os.path.isfile(teacher_checkpoint):
+            out.append(f"teacher checkpoint not found: {teacher_checkpoint} (set experiment.teacher_dir)")
+    return out
 
 
 def build_summary(stage, dataset, backbone, objective, teacher_source) -> dict:

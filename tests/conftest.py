@@ -14,3 +14,45 @@ def _gin_clean():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+def write_latents(root, n: int = 24, shape=(4, 8, 8), num_classes: int = 3, shard_size: int = 10, seed: int = 0):
+    """Writes a small decm-latents-v1 directory directly (format of decm/data/latents.py)."""
+    import json
+    import os
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    shards = []
+    for i, start in enumerate(range(0, n, shard_size)):
+        count = min(shard_size, n - start)
+        name = f"shard-{i:05d}"
+        np.save(os.path.join(root, name + ".latents.npy"), rng.normal(size=(count, *shape)).astype(np.float16))
+        np.save(os.path.join(root, name + ".labels.npy"), (np.arange(start, start + count) % num_classes).astype(np.int64))
+        shards.append({"name": name, "count": count})
+    index = {"format": "decm-latents-v1", "shape": list(shape), "num_classes": num_classes, "num_samples": n,
+             "shards": shards, "vae": "test", "scale": 0.5, "shift": 0.0, "channel_mean": None,
+             "channel_std": None, "has_flip": False}
+    with open(os.path.join(root, "index.json"), "w") as f:
+        json.dump(index, f)
+    return str(root)
+
+
+def assert_same_state(a, b, path="state"):
+    """Recursively asserts two checkpoint states are bit-identical (tensors, dicts, lists, scalars)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path

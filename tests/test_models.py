@@ -98,3 +98,23 @@ def test_presets_param_counts_on_meta_device():
 def test_image_size_not_divisible_by_patch_raises():
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         sit("tiny", input_size=7, in_channels=1, num_classes=0)
+
+
+def test_bf16_autocast_keeps_the_jvp_and_time_embeddings_in_fp32():
+    from decm.method.guidance import NoGuidance
+    from decm.method.objective import Context
+
+    model = randomize(BACKBONES["sit-tiny"]())
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 1, 8, 8, generator=g), torch.rand(3, generator=g)
+    s, dx = torch.ones(3), torch.randn(3, 1, 8, 8, generator=g)
+    ctx = Context(model, None, NoGuidance(), x, x, None, 0)
+    ref_out, ref_tan = ctx.jvp(x, t, s, dx, torch.ones(3), torch.zeros(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, tan = ctx.jvp(x, t, s, dx.bfloat16(), torch.ones(3), torch.zeros(3))
+        emb = model.t_embedder(t)
+        plain = model(x, t, s)
+    assert out.dtype == tan.dtype == emb.dtype == torch.float32
+    assert plain.dtype == torch.bfloat16  # the with-grad forward does run in bf16
+    torch.testing.assert_close(tan, ref_tan, rtol=0, atol=1e-2 * float(ref_tan.abs().max()))  # only dx was rounded
+    torch.testing.assert_close(out, ref_out)

@@ -110,3 +110,10 @@ def test_list_prints_every_kind():
     assert proc.returncode == 0
     for needle in ("time_samplers:", "uniform_segmented", "n2n_loss", "tangent_note", "cfg", "chain", "sit", "digits"):
         assert needle in proc.stdout
+
+
+def test_bf16_training_runs_and_stays_finite(tmp_path):
+    code, run_dir = launch(tmp_path, "bf16", ["distill/train.precision = 'bf16'", "distill/train.steps = 6"])
+    assert code == 0
+    stats = read_stats(run_dir)
+    assert stats and all(torch.isfinite(torch.tensor(r["loss/total"])) for r in stats)

@@ -79,8 +79,11 @@ def test_samplers_return_finite_samples(name):
 
 
 @pytest.mark.parametrize("name", registry.names("datasets"))
-def test_datasets_batches(name):
-    ds = registry.get("datasets", name)()
+def test_datasets_batches(name, tmp_path):
+    from conftest import write_latents
+
+    kwargs = dict(path=write_latents(tmp_path / "lat"), shape=(4, 8, 8), num_classes=3) if name == "latents" else {}
+    ds = registry.get("datasets", name)(**kwargs)
     x, y = ds.batch(10, torch.Generator().manual_seed(0))
     assert tuple(x.shape) == (10, *ds.shape) and torch.isfinite(x).all()
     assert (y is None) == (ds.num_classes == 0)

@@ -11,7 +11,7 @@ from torch import nn
 
 from decm.method.guidance import NoGuidance
 from decm.method.jvp import flow_map_jvp, unwrap
-from decm.method.shapes import bcast
+from decm.method.shapes import at_least_fp32, bcast
 from decm.method.time_samplers import UniformSegmented
 from decm.registry import register
 
@@ -60,7 +60,11 @@ class Context:
         return self._velocities[key][2]
 
     def jvp(self, x, t, s, dx, dt, ds):
-        return flow_map_jvp(self.student_raw, x, t, s, self.y, dx, dt, ds, method=self.jvp_method)
+        """JVP of the unwrapped student, always outside autocast (bf16 runs keep the tangent in fp32)."""
+        dtype = at_least_fp32(x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return flow_map_jvp(self.student_raw, x.to(dtype), t.to(dtype), s.to(dtype), self.y, dx.to(dtype),
+                                dt.to(dtype), ds.to(dtype), method=self.jvp_method)
 
     def sanitize(self, target, pred):
         """Replaces non-finite per-sample targets by sg(pred) (zero loss, zero gradient) and counts them."""

@@ -19,6 +19,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Attention, Mlp
 from torch import nn
 
+from decm.method.shapes import at_least_fp32
 from decm.registry import register
 
 # name: (depth, hidden_size, num_heads, patch_size, extra options)
@@ -34,11 +35,6 @@ PRESETS = {
     "LightningDiT-XL/1": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=1, mlp_type="swiglu",
                               norm_type="rms", use_rope=True, learn_sigma=False),
 }
-
-
-def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision dtypes, else the dtype itself (time embeddings never run in bf16)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def flow_map_condition(model, t, s, y):

@@ -1,0 +1,131 @@
+"""Backends without a scheduler: the XL dry run with its sbatch script, cluster bindings, and
+preemption through submitit's local executor (signal → save at a step boundary → requeue → exact resume)."""
+
+import glob
+import os
+import signal
+import time
+
+import pytest
+from conftest import assert_same_state
+
+from decm import checkpoint, launch
+from decm.cluster import ClusterSpec, submit
+from decm.job import RunSpec, parse, prepare, run
+
+PREEMPT = [
+    "experiment.stages = ('distill',)",
+    "distill/train.steps = 800",
+    "distill/train.batch_size = 32",
+    "distill/train.ckpt_every_steps = 50",
+    "distill/train.log_every_steps = 10",
+    "train.progress = False",
+    "backbones.mlp.width = 32",
+    "backbones.mlp.depth = 1",
+]
+
+
+def test_xl_dry_run_prints_params_config_and_sbatch_script(tmp_path, capsys):
+    run_dir = tmp_path / "xl"
+    assert launch.main(["--gin", "gin/decm_xl.gin", "--dry-run", "--run-dir", str(run_dir),
+                        "--bind", "cluster.partition = 'gpu'", "--bind", "cluster.account = 'proj'",
+                        "--bind", "cluster.extra_sbatch = {'exclusive': True}"]) == 0
+    out = capsys.readouterr().out
+    assert '"parameters": 676753952' in out                           # ≈675M SiT-XL/2 + the s-embedder
+    assert "sit.preset = 'XL/2'" in out                                # the resolved config
+    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@180",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --exclusive", "srun --unbuffered"):
+        assert line in out, line
+    assert "set datasets.latents.path" in out                          # missing inputs are listed, not fatal
+    assert not run_dir.exists()
+
+
+def test_lightningdit_dry_run_builds_xl_on_the_meta_device(capsys):
+    assert launch.main(["--gin", "gin/decm_xl_lightningdit.gin", "--dry-run", "--backend", "local"]) == 0
+    out = capsys.readouterr().out
+    assert '"parameters": 67' in out and "[\n        32,\n        16,\n        16\n      ]" in out
+
+
+@pytest.mark.parametrize("bind,needle", [
+    ("cluster.backend = 'kubernetes'", "cluster.backend must be one of"),
+    ("cluster.nodes = 0", "cluster.nodes must be ≥ 1"),
+    ("cluster.gpus = 8", "cluster"),
+])
+def test_bad_cluster_bindings_are_one_line_errors(tmp_path, capsys, bind, needle):
+    assert launch.main(["--gin", "gin/toy2d.gin", "--run-dir", str(tmp_path / "r"), "--bind", bind]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_cluster_bindings_do_not_count_as_a_config_change(tmp_path):
+    spec = RunSpec(("gin/toy2d.gin",), tuple(PREEMPT), str(tmp_path / "r"))
+    prepare(spec)
+    prepare(RunSpec(spec.gin_files, spec.bindings + ("cluster.timeout_min = 5",), spec.run_dir))  # no refusal
+
+
+def wait_for(predicate, timeout_s, what):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def task_pids(root_pid):
+    """PIDs of the submitit task processes below `root_pid` (the local controller)."""
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        for children in glob.glob(f"/proc/{pid}/task/*/children"):
+            with open(children) as f:
+                todo += [int(c) for c in f.read().split()]
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"submitit.core._submit" in f.read():
+                    out.append(pid)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def newest_step(run_dir):
+    path, _ = checkpoint.latest_valid(os.path.join(run_dir, "checkpoints"))
+    return int(os.path.basename(path)[5:13]) if path else 0
+
+
+def test_local_subprocess_preemption_requeues_and_resumes_exactly(tmp_path):
+    ref_dir, pre_dir = str(tmp_path / "reference"), str(tmp_path / "preempted")
+    ref = RunSpec(("gin/toy2d.gin",), tuple(PREEMPT), ref_dir)
+    prepare(ref)
+    run(ref)
+
+    spec = RunSpec(("gin/toy2d.gin",), tuple(PREEMPT), pre_dir)
+    parse(spec.gin_files, spec.bindings)
+    prepare(spec)
+    job = submit(spec, ClusterSpec(backend="local-subprocess", timeout_min=10, signal_delay_s=5))
+    wait_for(lambda: newest_step(pre_dir) >= 100, 120, "a checkpoint at step ≥ 100")
+    pids = task_pids(job._process.pid)
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGUSR2)  # what Slurm sends on preemption or before the time limit
+    result = job.result()
+    assert result["distill"]["step"] == 800
+    log = "".join(open(p).read() for p in glob.glob(os.path.join(pre_dir, "submitit", "*", "*_0_log.*")))
+    assert "caught signal SIGUSR2" in log and "preempted at step" in log and "Requeued job" in log
+    assert "resuming distill from" in log
+    a = checkpoint.latest_valid(os.path.join(ref_dir, "checkpoints"))[1]
+    b = checkpoint.latest_valid(os.path.join(pre_dir, "checkpoints"))[1]
+    assert a["step"] == b["step"] == 800
+    assert_same_state(a, b)  # model, EMA, optimizer moments, objective state, counters
+
+
+def test_local_subprocess_two_task_ddp_training(tmp_path):
+    spec = RunSpec(("gin/toy2d.gin",), tuple(PREEMPT[:1] + PREEMPT[2:] + ["distill/train.steps = 20"]),
+                   str(tmp_path / "ddp"))
+    parse(spec.gin_files, spec.bindings)
+    prepare(spec)
+    results = submit(spec, ClusterSpec(backend="local-subprocess", tasks_per_node=2, timeout_min=10)).results()
+    d = [r["distill"] for r in results]
+    assert [x["world_size"] for x in d] == [2, 2] and sorted(x["rank"] for x in d) == [0, 1]
+    assert d[0]["param_checksum"] == d[1]["param_checksum"] and d[0]["step"] == 20
+    assert checkpoint.latest_valid(os.path.join(spec.run_dir, "checkpoints"))[1]["step"] == 20

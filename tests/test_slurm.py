@@ -1,0 +1,110 @@
+"""A real one-node Slurm (started by .ci/slurm.sh; SLURM_CONF exported): submission through submitit.
+
+Under CI=true a missing Slurm is a failure, never a skip. Locally, start it with
+`.ci/slurm.sh start && export SLURM_CONF=/tmp/decm-slurm/slurm.conf`.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from conftest import assert_same_state
+
+from decm import checkpoint, launch
+from decm.cluster import ClusterSpec, submit
+from decm.job import RunSpec, parse, prepare, run
+
+pytestmark = pytest.mark.slurm
+
+TOY = [
+    "experiment.stages = ('distill',)",
+    "distill/train.batch_size = 32",
+    "distill/train.log_every_steps = 10",
+    "train.progress = False",
+    "backbones.mlp.width = 32",
+    "backbones.mlp.depth = 1",
+]
+SLURM = ClusterSpec(backend="slurm", cpus_per_task=1, timeout_min=20, signal_delay_s=30, job_name="decm-test")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_up():
+    ok = bool(os.environ.get("SLURM_CONF")) and shutil.which("sbatch") is not None
+    if ok:
+        try:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20).stdout
+            ok = "idle" in out or "mix" in out or "alloc" in out
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+    if not ok:
+        msg = "no running Slurm (run .ci/slurm.sh start and export SLURM_CONF=/tmp/decm-slurm/slurm.conf)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def logs(run_dir):
+    return "".join(open(p).read() for p in sorted(glob.glob(os.path.join(run_dir, "submitit", "*", "*_log.*"))))
+
+
+def test_slurm_tiny_distillation_job_through_the_launcher(tmp_path, capsys):
+    run_dir = str(tmp_path / "tiny")
+    argv = ["--gin", "gin/toy2d.gin", "--gin", "gin/cluster/ci_one_node.gin", "--run-dir", run_dir, "--wait"]
+    for b in TOY + ["distill/train.steps = 40", "distill/train.ckpt_every_steps = 20"]:
+        argv += ["--bind", b]
+    assert launch.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "submitted slurm job" in out and "distill: step 40/40" in out
+    assert checkpoint.latest_valid(os.path.join(run_dir, "checkpoints"))[1]["step"] == 40
+    assert "SLURM_JOB_ID" not in os.environ  # the test process itself is not a job
+    assert "Job completed successfully" in logs(run_dir)
+
+
+def test_slurm_two_task_ddp_job(tmp_path):
+    run_dir = str(tmp_path / "ddp")
+    spec = RunSpec(("gin/toy2d.gin",), tuple(TOY + ["distill/train.steps = 30", "distill/train.ckpt_every_steps = 10"]),
+                   run_dir)
+    parse(spec.gin_files, spec.bindings)
+    prepare(spec)
+    job = submit(spec, ClusterSpec(**{**SLURM.__dict__, "tasks_per_node": 2}))
+    results = job.results()
+    assert len(results) == 2
+    d0, d1 = results[0]["distill"], results[1]["distill"]
+    assert d0["world_size"] == d1["world_size"] == 2 and {d0["rank"], d1["rank"]} == {0, 1}
+    assert d0["step"] == d1["step"] == 30
+    assert d0["param_checksum"] == d1["param_checksum"]  # DDP kept the replicas identical
+    state = checkpoint.latest_valid(os.path.join(run_dir, "checkpoints"))[1]
+    assert state["step"] == 30
+
+
+def test_slurm_preemption_requeues_and_ends_identical_to_an_uninterrupted_run(tmp_path):
+    bindings = tuple(TOY + ["distill/train.steps = 800", "distill/train.ckpt_every_steps = 50"])
+    ref = RunSpec(("gin/toy2d.gin",), bindings, str(tmp_path / "reference"))
+    prepare(ref)
+    run(ref)
+
+    spec = RunSpec(("gin/toy2d.gin",), bindings, str(tmp_path / "preempted"))
+    parse(spec.gin_files, spec.bindings)
+    prepare(spec)
+    job = submit(spec, SLURM)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        path, _ = checkpoint.latest_valid(os.path.join(spec.run_dir, "checkpoints"))
+        if path and int(os.path.basename(path)[5:13]) >= 100:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("no checkpoint at step ≥ 100 within 180 s:\n" + logs(spec.run_dir)[-3000:])
+    job._interrupt()  # scancel --signal SIGTERM, then --signal USR2: Slurm's preemption sequence
+    result = job.result()
+    assert result["distill"]["step"] == 800
+    text = logs(spec.run_dir)
+    assert "caught signal SIGUSR2" in text and "preempted at step" in text, text[-3000:]
+    assert "resuming distill from" in text, text[-3000:]
+    a = checkpoint.latest_valid(os.path.join(ref.run_dir, "checkpoints"))[1]
+    b = checkpoint.latest_valid(os.path.join(spec.run_dir, "checkpoints"))[1]
+    assert a["step"] == b["step"] == 800
+    assert_same_state(a, b)  # model, EMA, optimizer moments, objective state, counters
