@@ -18,7 +18,7 @@ from decm.train import train
 
 # Gin modules whose bindings cannot change a pretrained teacher (excluded from its cache key).
 _NOT_TEACHER = ("objectives.", "losses.", "selectors.", "n2n_variants.", "guidance.", "evaluate.",
-                "experiment.", "samplers.", "time_samplers.", "teachers.", "cluster.")
+                "experiment.", "samplers.", "time_samplers.", "teachers.", "cluster.", "wandb.")
 
 
 def gin_statements(config: str) -> list[str]:
@@ -67,25 +67,48 @@ def experiment(
         raise ValueError(f"experiment.stages has unknown stages {bad}")
     summary = {}
     teacher_ckpt = teacher_dir or None
-    if "teacher" in stages:
-        teacher_ckpt = teacher_dir or os.path.join(cache_root, f"teacher-{teacher_key(gin.config_str())}")
-        with gin.config_scope("teacher"):
-            summary["teacher"] = train(run_dir=teacher_ckpt, stage="teacher", build_only=build_only)
-    if "distill" in stages:
-        with gin.config_scope("distill"):
-            summary["distill"] = train(run_dir=run_dir, stage="distill", teacher_checkpoint=teacher_ckpt,
-                                       build_only=build_only)
-        if build_only and "teacher" not in stages and teacher_ckpt and not os.path.exists(teacher_ckpt):
-            summary["distill"]["missing_inputs"].append(f"teacher not found: {teacher_ckpt} (set experiment.teacher_dir)")
-    if preemption.requested():
-        raise preemption.Preempted("preempted between stages")
     rank = (distributed.env_ranks() or (0, 1, 0))[0]
-    if rank != 0:  # evaluation and the summary are rank 0's job
-        return summary
-    if "evaluate" in stages and not build_only:
-        with gin.config_scope("distill"):
-            summary["evaluate"] = evaluate(run_dir, teacher_checkpoint=teacher_ckpt)
+    tracker = None
     if not build_only:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+        from decm.wandb_log import Tracker
+
+        tracker = Tracker(run_dir, rank=rank)
+    try:
+        if "teacher" in stages:
+            teacher_ckpt = teacher_dir or os.path.join(cache_root, f"teacher-{teacher_key(gin.config_str())}")
+            with gin.config_scope("teacher"):
+                summary["teacher"] = train(run_dir=teacher_ckpt, stage="teacher", build_only=build_only,
+                                           tracker=tracker)
+        if "distill" in stages:
+            with gin.config_scope("distill"):
+                summary["distill"] = train(run_dir=run_dir, stage="distill", teacher_checkpoint=teacher_ckpt,
+                                           build_only=build_only, tracker=tracker)
+            if build_only and "teacher" not in stages and teacher_ckpt and not os.path.exists(teacher_ckpt):
+                summary["distill"]["missing_inputs"].append(f"teacher not found: {teacher_ckpt} (set experiment.teacher_dir)")
+        if preemption.requested():
+            raise preemption.Preempted("preempted between stages")
+        if "evaluate" in stages and not build_only:  # every rank generates its share; rank 0 scores
+            with gin.config_scope("distill"):
+                summary["evaluate"] = evaluate(run_dir, teacher_checkpoint=teacher_ckpt)
+            if tracker is not None:
+                log_evaluation(tracker, summary["evaluate"], run_dir)
+        if not build_only and rank == 0:
+            summary["teacher_checkpoint"] = teacher_ckpt
+            with open(os.path.join(run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2, default=str)
+            if tracker is not None:
+                tracker.save_files("operative_config.gin", "summary.json")
+    finally:
+        if tracker is not None:
+            tracker.finish()
     return summary
+
+
+def log_evaluation(tracker, results: dict, out_dir: str, prefix: str = "eval") -> None:
+    """Evaluation table, flat summary metrics and the pictures of one evaluation into W&B."""
+    rows = results.get("rows", [])
+    tracker.log_table(f"{prefix}/table", rows)
+    tracker.summary({f"{prefix}/{r['model']}/{r['sampler']}/nfe{r['nfe']}/{k}": v for r in rows for k, v in r.items()
+                     if k not in ("model", "sampler", "nfe")})
+    tracker.log_images({f"{prefix}/samples": os.path.join(out_dir, "samples.png"),
+                        f"{prefix}/nfe": os.path.join(out_dir, "nfe.png")})

@@ -45,6 +45,7 @@ def parse(gin_files, bindings) -> str:
     """Parses gin files + bindings (unknown keys are errors) and returns the resolved config string."""
     registry.import_all()
     import decm.cluster  # noqa: F401  (registers cluster)
+    import decm.wandb_log  # noqa: F401  (registers wandb)
     import decm.experiment  # noqa: F401  (registers train / evaluate / experiment)
 
     for path in gin_files:
@@ -80,10 +81,10 @@ def build(run_dir: str, require_inputs: bool = False) -> dict:
 
 
 def without_cluster(config: str) -> str:
-    """The config minus `cluster.*` statements (resources may change between submissions of one run)."""
+    """The config minus `cluster.*` and `wandb.*` statements (they may change between submissions of a run)."""
     from decm.experiment import gin_statements
 
-    return "\n".join(st for st in gin_statements(config) if not st.startswith("cluster."))
+    return "\n".join(st for st in gin_statements(config) if not st.startswith(("cluster.", "wandb.")))
 
 
 def wait_for_snapshot(spec: RunSpec, config: str, timeout_s: float = 600.0) -> None:
@@ -125,6 +126,9 @@ def prepare(spec: RunSpec) -> str:
     with open(tmp, "w") as f:
         f.write(config)
     os.replace(tmp, snap)
+    from decm.wandb_log import run_id
+
+    run_id(spec.run_dir)  # the W&B id is fixed at launch and reused by every resume and requeue
     return config
 
 

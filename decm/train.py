@@ -75,7 +75,7 @@ def student_from_teacher(backbone, dataset, teacher_net):
     return student
 
 
-@gin.configurable(denylist=["run_dir", "stage", "teacher_checkpoint"])
+@gin.configurable(denylist=["run_dir", "stage", "teacher_checkpoint", "tracker"])
 def train(
     run_dir: str,
     stage: str = "distill",              # 'teacher' (flow-matching pretraining) or 'distill' (DE-CM)
@@ -103,6 +103,7 @@ def train(
     stop_after_steps: int = 0,           # testing/preemption aid: return after this many new steps (0: off)
     snapshot_every_steps: int = 0,       # distill: fixed-noise EMA samples + stats every k steps (0: off)
     build_only: bool = False,            # dry run: build every object (model on the meta device), train nothing
+    tracker=None,                        # decm.wandb_log.Tracker of the launch (set by experiment; None: no W&B)
 ):
     """Runs one training stage in `run_dir` and returns a summary dict.
 
@@ -138,6 +139,7 @@ def train(
       stop_after_steps: stop after this many new steps (0: off).
       snapshot_every_steps: evaluation hook period (decm.snapshots; distill only; 0: off).
       build_only: build on the meta device and return a summary.
+      tracker: W&B tracker (rank 0 logs every stats record under `<stage>/`).
     """
     check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only)
     if precision not in ("fp32", "bf16"):
@@ -262,6 +264,8 @@ def train(
                       "nan/masked_total": totals["nan_masked_samples"], "nan/skipped_total": totals["skipped_steps"]}
             if stats_writer is not None:
                 stats_writer.write(record)
+                if tracker is not None:
+                    tracker.log_stats(stage, record)
             last_stats = record
         bar.update(1)
         if stats.get("loss/total") is not None:

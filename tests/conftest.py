@@ -1,9 +1,12 @@
+import os
 import warnings
 
 import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+os.environ["WANDB_MODE"] = "disabled"  # W&B tests bind wandb.mode = 'offline' explicitly
+os.environ["WANDB_SILENT"] = "true"
 torch.set_num_threads(2)
 
 

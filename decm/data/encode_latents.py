@@ -81,6 +81,10 @@ class AvgPoolTestVAE(torch.nn.Module):
         h = torch.nn.functional.avg_pool2d(x, 8)
         return torch.einsum("oc,nchw->nohw", self.mix.to(h), h)
 
+    def decode(self, z):
+        """Left inverse on the pooled image: the first three channels, upsampled 8× (nearest)."""
+        return torch.nn.functional.interpolate(z[:, :3], scale_factor=8, mode="nearest")
+
 
 class DiffusersVAE(torch.nn.Module):
     """diffusers AutoencoderKL (SD-VAE): posterior mean, or a sample with `sample=True`."""
@@ -97,6 +101,10 @@ class DiffusersVAE(torch.nn.Module):
     def encode(self, x, sample=False, generator=None):
         dist = self.vae.encode(x).latent_dist
         return dist.sample(generator=generator) if sample else dist.mean
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.vae.decode(z).sample
 
 
 def make_vae(name: str, path: str | None):

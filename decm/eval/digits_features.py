@@ -114,38 +114,6 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
 register_feature_extractor(EXTRACTOR_NAME, DigitsFeatureExtractor)
 
 
-def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
-    """[−1, 1] N×1×H×W → uint8 N×3×H×W (torch-fidelity's input format)."""
-    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return img.expand(-1, 3, -1, -1).contiguous() if img.shape[1] == 1 else img
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """A torch-fidelity input: a uint8 N×3×H×W tensor served item by item."""
-
-    def __init__(self, images_uint8: torch.Tensor):
-        self.images = images_uint8
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
-
-
-def fidelity_metrics(generated: torch.Tensor, reference: torch.Tensor, weights_path: str,
-                     kid_subset_size: int = 500) -> dict:
-    """FID and KID (torch-fidelity, extractor `decm-digits`) between two [−1, 1] image batches."""
-    import torch_fidelity
-
-    out = torch_fidelity.calculate_metrics(
-        input1=TensorImages(to_uint8_rgb(generated)), input2=TensorImages(to_uint8_rgb(reference)),
-        feature_extractor=EXTRACTOR_NAME, feature_extractor_weights_path=weights_path,
-        fid=True, kid=True, kid_subset_size=min(kid_subset_size, len(generated), len(reference)),
-        cuda=False, cache=False, verbose=False, batch_size=256)
-    return {"fid": float(out["frechet_inception_distance"]), "kid": float(out["kernel_inception_distance_mean"])}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train and cache the digits feature classifier.")
     parser.add_argument("--out", default="runs/cache/digits_classifier.pt")

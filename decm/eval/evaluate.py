@@ -1,95 +1,278 @@
-"""CPU-scale evaluation of a distilled run: student at NFE 1/2/4 vs the teacher at 1/2/4/50 steps.
+"""Evaluation of a distilled run: every (model, sampler, NFE) cell of a sweep, one metric code path.
 
-2-D data: sliced Wasserstein-2 and energy distance to fresh samples of the true distribution
-(`n_samples` each, fixed seeds). Digits: FID and KID through torch-fidelity with the registered
-`decm-digits` feature extractor against the 1,797 real digits. Writes `metrics.json` and a picture
-(`samples.png`: scatter plots or image grids).
+- 2-D data: sliced Wasserstein-2 and energy distance to fresh samples of the true distribution.
+- Images (pixels or latents decoded by a VAE): FID / IS / KID / precision-recall through torch-fidelity
+  (decm.eval.fidelity) against reference statistics — a `.npz` file (`evaluate.ref_stats`) or, when
+  unset, statistics computed from `dataset.reference` (the CPU-scale digits flow).
+
+Samples are deterministic per sample index: noise z_i from the seed (seed, i), labels i mod classes,
+so a 2-GPU and an 8-GPU evaluation draw the same samples. Under torchrun / Slurm each rank generates
+whole batches b ≡ rank (mod world) and its features; rank 0 gathers them once and computes metrics.
+
+Outputs (in `out_dir`, default the run directory): `metrics.json` (`student` / `teacher` → NFE →
+metrics for the first sampler of each, plus `rows` for the whole sweep), `metrics.csv`, `nfe.png`
+(metric vs NFE, one line per model × sampler), `samples.png`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
 import gin
+import numpy as np
 import torch
 
-from decm import checkpoint
+from decm import checkpoint, distributed
 from decm.eval.metrics import energy_distance, sliced_wasserstein
 from decm.method.guidance import NoGuidance
-from decm.sampling import Chain, TeacherEuler
+from decm.registry import get as get_component
+from decm.sampling import TeacherEuler
 from decm.train import backbone_kwargs, load_network_teacher
 
 
-def load_student(run_dir: str, backbone, dataset, use_ema: bool = True):
-    path, state = checkpoint.latest_valid(os.path.join(run_dir, "checkpoints"))
+def load_student(run_dir: str, backbone, dataset, use_ema: bool = True, step: int | None = None):
+    """The newest valid checkpoint's EMA (or raw) weights, or those of checkpoint `step`."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if step is None:
+        path, state = checkpoint.latest_valid(ckpt_dir)
+    else:
+        path = checkpoint.path_for(ckpt_dir, step)
+        state = torch.load(path, map_location="cpu", weights_only=True) if checkpoint.is_valid(path) else None
     if state is None:
-        raise FileNotFoundError(f"no valid checkpoint in {run_dir}/checkpoints")
+        raise FileNotFoundError(f"no valid checkpoint in {ckpt_dir}" + (f" at step {step}" if step is not None else ""))
     model = backbone(**backbone_kwargs(dataset), flow_map=True)
     model.load_state_dict(state["ema" if use_ema else "model"])
     return model.eval(), int(state["step"])
 
 
-def draw(sampler, net, dataset, n, nfe, seed, batch=1000):
-    """n samples with fixed per-sample noise (seed) and balanced labels for conditional data."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn((n, *dataset.shape), generator=g)
-    y = (torch.arange(n) % dataset.num_classes) if dataset.num_classes else None
-    out = []
-    for i in range(0, n, batch):
-        out.append(sampler(net, z[i:i + batch], None if y is None else y[i:i + batch], nfe=nfe, generator=g))
-    return torch.cat(out), y
+def sample_noise(indices, shape, seed: int) -> torch.Tensor:
+    """z_i ~ N(0, I) from its own seed (seed, i): independent of batch size and world size."""
+    out = torch.empty((len(indices), *shape))
+    for k, i in enumerate(indices):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
+        out[k] = torch.randn(shape, generator=g)
+    return out
+
+
+def generate(sampler, net, dataset, n: int, nfe: int, seed: int, info=None, batch: int = 500, device="cpu",
+             postprocess=None):
+    """This rank's share of n samples: returns (indices, outputs) with outputs = postprocess(samples)."""
+    info = info or distributed.DistInfo()
+    idx_all, outs = [], []
+    for b, start in enumerate(range(0, n, batch)):
+        if b % info.world_size != info.rank:
+            continue
+        idx = np.arange(start, min(start + batch, n))
+        z = sample_noise(idx, dataset.shape, seed).to(device)
+        y = torch.as_tensor(idx % dataset.num_classes, device=device) if dataset.num_classes else None
+        g = torch.Generator().manual_seed(seed * 1_000_003 + start)  # stochastic samplers (re-noising)
+        x = sampler(net, z, y, nfe=nfe, generator=g)
+        outs.append(postprocess(x) if postprocess else x.float().cpu())
+        idx_all.append(idx)
+    if not outs:
+        return np.zeros(0, np.int64), None
+    if isinstance(outs[0], dict):
+        return np.concatenate(idx_all), {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return np.concatenate(idx_all), torch.cat(outs)
+
+
+def gather(indices, values, info):
+    """Rank 0: all ranks' values in sample-index order (tensors or {name: tensor}); others: None."""
+    if not info.distributed:
+        return values
+    import torch.distributed as dist
+
+    parts = [None] * info.world_size
+    dist.all_gather_object(parts, (indices, values))
+    if not info.main:
+        return None
+    parts = [p for p in parts if p[1] is not None]
+    order = np.argsort(np.concatenate([p[0] for p in parts]))
+    if isinstance(parts[0][1], dict):
+        return {k: torch.cat([p[1][k] for p in parts])[order] for k in parts[0][1]}
+    return torch.cat([p[1] for p in parts])[order]
+
+
+def make_decoder(dataset, vae: str | None):
+    """Model-space samples → [−1, 1] images: identity for pixels, VAE decode for latents."""
+    if not hasattr(dataset, "denormalize"):
+        return lambda x: x
+    if not vae:
+        raise ValueError("latent samples need a decoder: set evaluate.vae (e.g. 'sd-vae-ft-ema')")
+    from decm.data.encode_latents import make_vae
+
+    model = make_vae(vae, None).eval()
+    return lambda x: model.decode(dataset.denormalize(x.float().cpu())).clamp(-1, 1)
+
+
+def default_extractor(dataset) -> str:
+    from decm.data.builtin import Digits
+
+    return "digits" if isinstance(dataset, Digits) else "inception"
 
 
 @gin.configurable(denylist=["run_dir", "teacher_checkpoint"])
 def evaluate(
     run_dir: str,
-    teacher_checkpoint: str | None = None,  # network teacher run dir (None: the dataset's analytic teacher)
+    teacher_checkpoint: str | None = None,  # network teacher run dir / file (None: the dataset's analytic teacher)
     dataset=gin.REQUIRED,                # same dataset component as training
     backbone=gin.REQUIRED,               # same backbone factory as training
-    student_nfe=(1, 2, 4),               # student NFEs (flow-map chain; 1 NFE = f(z, 0, 1))
-    teacher_nfe=(1, 2, 4, 50),           # teacher Euler steps
-    student_sampler=None,                # samplers component for the student (default chain)
+    student_nfe=(1, 2, 4),               # student NFEs
+    teacher_nfe=(1, 2, 4, 50),           # teacher NFEs (() skips the teacher)
+    student_samplers=("chain",),         # sampler names for the student (first one = metrics.json 'student')
+    teacher_samplers=("teacher_euler",),  # sampler names for the teacher (guided like distillation)
+    teacher_source: str = "checkpoint",  # how teacher_checkpoint is read: 'checkpoint', 'sit', 'lightningdit'
     teacher_guidance=None,               # guidance used for the teacher (same as distillation's)
-    n_samples: int = 4000,               # samples per evaluation (2-D) / capped at 1,797 refs for digits
+    n_samples: int = 4000,               # samples per cell (2-D; images: capped at the reference size when computed)
     seed: int = 1234,                    # noise seed (the same noise for every NFE and model)
-    feature_weights_path: str = "runs/cache/digits_classifier.pt",  # digits extractor weights
+    extractor: str = "auto",             # 'auto' (digits for digits, else inception), 'inception', 'digits'
+    feature_weights_path: str | None = None,  # extractor weights file (or $DECM_INCEPTION_WEIGHTS / $DECM_DIGITS_WEIGHTS)
+    ref_stats: str | None = None,        # reference-statistics .npz (None: computed from dataset.reference)
+    metrics=("fid", "kid"),              # image metrics among fid, isc, kid, prc
+    vae: str | None = None,              # latents: decoder name (decm.data.encode_latents)
+    use_ema: bool = True,                # evaluate the EMA weights (False: raw)
+    checkpoint_step: int | None = None,  # evaluate this checkpoint (None: newest valid)
+    batch_size: int = 500,               # samples per sampler call
+    device: str = "cpu",                 # 'cpu', 'cuda' or 'auto'
+    out_dir: str | None = None,          # where the outputs go (None: the run directory)
 ):
-    """Evaluates the newest checkpoint's EMA; returns and writes the metrics dict."""
-    student, step = load_student(run_dir, backbone, dataset)
-    if teacher_checkpoint:
-        from decm.method.teachers import NetworkTeacher
+    """Runs the sweep and returns the metrics dict (see the module docstring).
 
-        teacher = NetworkTeacher(load_network_teacher(backbone, dataset, teacher_checkpoint, "cpu"))
-    else:
-        teacher = dataset.analytic_teacher()
-    student_sampler = student_sampler or Chain()
-    teacher_sampler = TeacherEuler(guidance=teacher_guidance or NoGuidance())
+    Args:
+      run_dir: the distillation run directory.
+      teacher_checkpoint: teacher run dir or official file.
+      dataset: datasets component.
+      backbone: backbones factory.
+      student_nfe: student NFEs.
+      teacher_nfe: teacher NFEs.
+      student_samplers: student sampler names.
+      teacher_samplers: teacher sampler names.
+      teacher_source: teacher format.
+      teacher_guidance: guidance for the teacher.
+      n_samples: samples per cell.
+      seed: noise seed.
+      extractor: feature extractor.
+      feature_weights_path: extractor weights.
+      ref_stats: reference statistics file.
+      metrics: image metrics.
+      vae: decoder for latents.
+      use_ema: EMA weights.
+      checkpoint_step: checkpoint to evaluate.
+      batch_size: samples per call.
+      device: device.
+      out_dir: output directory.
+    """
+    info = distributed.init(device)
+    dev = info.device
+    out_dir = out_dir or run_dir
+    student, step = load_student(run_dir, backbone, dataset, use_ema, checkpoint_step)
+    student = student.to(dev)
+    if teacher_nfe:
+        if teacher_checkpoint:
+            from decm.method.teachers import NetworkTeacher
+
+            teacher = NetworkTeacher(load_network_teacher(backbone, dataset, teacher_source, teacher_checkpoint, dev))
+        else:
+            teacher = dataset.analytic_teacher()
+        teacher = teacher.to(dev)
     images = len(dataset.shape) == 3
-    ref_gen = torch.Generator().manual_seed(seed + 1)
-    reference, _ = dataset.reference(n_samples, ref_gen)
-    n = len(reference) if images else n_samples
-    if images:
-        from decm.eval.digits_features import ensure_classifier, fidelity_metrics
+    cells = [("student", s, k) for s in student_samplers for k in student_nfe if s != "one_step" or k == 1]
+    cells += [("teacher", s, k) for s in teacher_samplers for k in teacher_nfe if s != "teacher_heun" or k % 2 == 0]
 
-        weights = ensure_classifier(feature_weights_path)
-        score = lambda x: fidelity_metrics(x, reference, weights)  # noqa: E731
+    if images:
+        from decm.eval import fidelity
+
+        ext = default_extractor(dataset) if extractor == "auto" else extractor
+        weights = fidelity.resolve_weights(ext, feature_weights_path)
+        decode = make_decoder(dataset, vae)
+        if ref_stats:
+            ref = fidelity.ReferenceStats.load(ref_stats, fidelity.fidelity_name(ext))
+            reference = None
+        else:
+            reference, _ = dataset.reference(n_samples, torch.Generator().manual_seed(seed + 1))
+            ref = fidelity.ReferenceStats.from_features(
+                fidelity.features(fidelity.to_uint8(decode(reference)), ext, weights), ext)
+            n_samples = min(n_samples, len(reference))
+        post = lambda x: fidelity.features(fidelity.to_uint8(decode(x)), ext, weights)  # noqa: E731
+        score = lambda fd: fidelity.metrics(fd, ref, ext, weights, which=tuple(metrics))  # noqa: E731
     else:
+        reference, _ = dataset.reference(n_samples, torch.Generator().manual_seed(seed + 1))
+        post = None
         score = lambda x: {"sw2": sliced_wasserstein(x, reference),  # noqa: E731
                            "energy": energy_distance(x[:2000], reference[:2000])}
-    results, pictures = {"step": step, "student": {}, "teacher": {}}, {}
-    for nfe in student_nfe:
-        x, _ = draw(student_sampler, student, dataset, n, nfe, seed)
-        results["student"][str(nfe)] = score(x)
-        pictures[f"DE-CM {nfe} NFE"] = x
-    for nfe in teacher_nfe:
-        x, _ = draw(teacher_sampler, teacher, dataset, n, nfe, seed)
-        results["teacher"][str(nfe)] = score(x)
-        pictures[f"teacher {nfe} steps"] = x
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+
+    rows, pictures = [], {}
+    for who, name, nfe in cells:
+        sampler = build_sampler(name, teacher_guidance)
+        net = student if who == "student" else teacher
+        idx, local = generate(sampler, net, dataset, n_samples, nfe, seed, info, batch_size, dev, post)
+        values = gather(idx, local, info)
+        if info.main:
+            rows.append({"model": who, "sampler": name, "nfe": nfe, **score(values)})
+            if not images:
+                pictures[f"{'DE-CM' if who == 'student' else 'teacher'} {name} {nfe}"] = values
+        if images and info.main and name in (student_samplers[0], (teacher_samplers or ("",))[0]):
+            _, x = generate(sampler, net, dataset, min(8 * max(dataset.num_classes, 1), 64), nfe, seed,
+                            device=dev, postprocess=lambda x: decode(x).float().cpu())
+            pictures[f"{'DE-CM' if who == 'student' else 'teacher'} {nfe} {'NFE' if who == 'student' else 'steps'}"] = x
+    if not info.main:
+        return {}
+    results = {"step": step, "student": {}, "teacher": {}, "rows": rows}
+    first = {"student": student_samplers[0], "teacher": (teacher_samplers or ("",))[0]}
+    for r in rows:
+        if r["sampler"] == first[r["model"]]:
+            results[r["model"]][str(r["nfe"])] = {k: v for k, v in r.items() if k not in ("model", "sampler", "nfe")}
+    os.makedirs(out_dir, exist_ok=True)
+    write_table(rows, out_dir)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
-    save_picture(pictures, reference, os.path.join(run_dir, "samples.png"), images, dataset.num_classes)
+    plot_nfe(rows, os.path.join(out_dir, "nfe.png"))
+    ref_pic = decode(reference[:64]) if (images and reference is not None) else reference
+    save_picture(pictures, ref_pic, os.path.join(out_dir, "samples.png"), images, dataset.num_classes)
     return results
+
+
+def build_sampler(name: str, teacher_guidance):
+    cls = get_component("samplers", name)
+    if getattr(cls, "uses_teacher", False):
+        return cls(guidance=teacher_guidance or NoGuidance())
+    return cls()
+
+
+def write_table(rows, out_dir: str) -> None:
+    keys = ["model", "sampler", "nfe"] + sorted({k for r in rows for k in r} - {"model", "sampler", "nfe"})
+    tmp = os.path.join(out_dir, "metrics.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, os.path.join(out_dir, "metrics.csv"))
+
+
+def plot_nfe(rows, path: str) -> None:
+    """Metric vs NFE (log x), one line per model × sampler, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in rows[0] if k not in ("model", "sampler", "nfe") and not k.endswith("_std")] if rows else []
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], names):
+        for key in dict.fromkeys((r["model"], r["sampler"]) for r in rows):
+            pts = sorted((r["nfe"], r[metric]) for r in rows if (r["model"], r["sampler"]) == key)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} · {key[1]}")
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_title(metric)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def save_picture(pictures: dict, reference, path: str, images: bool, num_classes: int) -> None:
@@ -98,15 +281,11 @@ def save_picture(pictures: dict, reference, path: str, images: bool, num_classes
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("data", reference)] + list(pictures.items())
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
-    for ax, (title, x) in zip(axes, panels):
+    panels = ([("data", reference)] if reference is not None else []) + list(pictures.items())
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8), squeeze=False)
+    for ax, (title, x) in zip(axes[0], panels):
         if images:
-            k = max(num_classes, 1)
-            grid = x[: 8 * k].clamp(-1, 1)
-            rows = grid.reshape(8, k, *grid.shape[1:]) if len(grid) == 8 * k else grid[:64].reshape(8, 8, *grid.shape[1:])
-            tile = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)
-            ax.imshow(tile[0].numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.imshow(image_grid(x, num_classes))
         else:
             pts = x[:2000].numpy()
             ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
@@ -121,3 +300,16 @@ def save_picture(pictures: dict, reference, path: str, images: bool, num_classes
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def image_grid(x: torch.Tensor, num_classes: int) -> np.ndarray:
+    """[−1, 1] N×C×H×W → H'×W'×3 in [0, 1]: rows of `num_classes` (or 8) images."""
+    x = x[:64].float().clamp(-1, 1)
+    cols = max(min(num_classes, 10), 1) if num_classes else 8
+    rows = max(len(x) // cols, 1)
+    x = x[: rows * cols]
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = x[:, :3]
+    grid = x.reshape(rows, cols, *x.shape[1:]).permute(0, 3, 1, 4, 2).reshape(rows * x.shape[2], cols * x.shape[3], 3)
+    return ((grid + 1) / 2).numpy()

@@ -1,0 +1,235 @@
+"""Local report across runs: `python -m decm.report RUN_DIR [RUN_DIR ...] --out report/`.
+
+Writes a self-contained `report.md` with figures under `figures/`: the metric-vs-NFE table (every
+run × model × sampler × NFE, from each run's newest evaluation), the metric-vs-NFE plot, the loss
+curves (stats.jsonl; one panel per loss term, one line per run), each run's sample grid, and the gin
+diff of every run against the first (statement level). With `--wandb-report` the same content is built
+as a W&B Report (wandb-workspaces) and saved — that needs W&B online with a key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+
+from decm.tracking import read_stats
+
+
+def newest_metrics(run_dir: str) -> tuple[str | None, dict | None]:
+    """(directory, metrics dict) of the run's newest evaluation: eval-step*/ (highest step) or the run dir."""
+    cands = []
+    for path in glob.glob(os.path.join(run_dir, "eval-step*", "metrics.json")) + [os.path.join(run_dir, "metrics.json")]:
+        if os.path.exists(path):
+            with open(path) as f:
+                m = json.load(f)
+            cands.append((int(m.get("step", 0)), path.endswith(os.path.join(run_dir, "metrics.json")), path, m))
+    if not cands:
+        return None, None
+    cands.sort(key=lambda c: (c[0], not c[1]))
+    return os.path.dirname(cands[-1][2]), cands[-1][3]
+
+
+def rows_of(metrics: dict) -> list[dict]:
+    """Sweep rows; older metrics.json files without `rows` are read from their student/teacher maps."""
+    if metrics.get("rows"):
+        return metrics["rows"]
+    out = []
+    for who in ("student", "teacher"):
+        for nfe, m in metrics.get(who, {}).items():
+            out.append({"model": who, "sampler": "chain" if who == "student" else "teacher_euler", "nfe": int(nfe), **m})
+    return out
+
+
+def gin_diff(base: str, other: str) -> list[str]:
+    """Statement-level diff: '- stmt' only in `base`, '+ stmt' only in `other` (sorted by selector)."""
+    from decm.experiment import gin_statements
+
+    a, b = set(gin_statements(base)), set(gin_statements(other))
+    lines = [("- ", s) for s in a - b] + [("+ ", s) for s in b - a]
+    lines.sort(key=lambda p: (p[1].split("=", 1)[0].strip(), p[0] == "+ "))
+    return [sign + s for sign, s in lines]
+
+
+def collect(run_dirs) -> list[dict]:
+    runs = []
+    for d in run_dirs:
+        if not os.path.isfile(os.path.join(d, "config.gin")):
+            raise FileNotFoundError(f"{d} is not a run directory (no config.gin)")
+        eval_dir, metrics = newest_metrics(d)
+        with open(os.path.join(d, "config.gin")) as f:
+            config = f.read()
+        name = os.path.basename(os.path.abspath(d))
+        runs.append({"name": name, "dir": d, "config": config, "stats": read_stats(d), "metrics": metrics,
+                     "rows": rows_of(metrics) if metrics else [], "eval_dir": eval_dir})
+    names = [r["name"] for r in runs]
+    for r in runs:  # unique display names
+        if names.count(r["name"]) > 1:
+            r["name"] = r["dir"].strip("/").replace("/", "_")
+    return runs
+
+
+def metric_names(runs) -> list[str]:
+    keys = []
+    for r in runs:
+        for row in r["rows"]:
+            keys += [k for k in row if k not in ("model", "sampler", "nfe") and not k.endswith("_std")]
+    return list(dict.fromkeys(keys))
+
+
+def loss_keys(runs) -> list[str]:
+    keys = [k for r in runs for rec in r["stats"] for k in rec if k.startswith("loss/")]
+    keys = list(dict.fromkeys(keys))
+    return (["loss/total"] if "loss/total" in keys else []) + sorted(k for k in keys if k != "loss/total")
+
+
+def plot_losses(runs, path: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = loss_keys(runs)
+    if not keys:
+        return False
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for r in runs:
+            pts = [(rec["step"], rec[key]) for rec in r["stats"] if key in rec]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r["name"], lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_nfe(runs, path: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = metric_names(runs)
+    if not metrics:
+        return False
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for r in runs:
+            for key in dict.fromkeys((row["model"], row["sampler"]) for row in r["rows"]):
+                pts = sorted((row["nfe"], row[metric]) for row in r["rows"]
+                             if (row["model"], row["sampler"]) == key and metric in row)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{r['name']} · {key[0]} · {key[1]}")
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_title(metric)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def table_markdown(runs) -> str:
+    metrics = metric_names(runs)
+    head = "| run | model | sampler | NFE | " + " | ".join(metrics) + " |"
+    lines = [head, "|" + "---|" * (4 + len(metrics))]
+    for r in runs:
+        for row in r["rows"]:
+            vals = [f"{row[m]:.4g}" if isinstance(row.get(m), (int, float)) else "" for m in metrics]
+            lines.append(f"| {r['name']} | {row['model']} | {row['sampler']} | {row['nfe']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dirs, out: str) -> str:
+    """Writes out/report.md + out/figures/*.png; returns the report path."""
+    runs = collect(run_dirs)
+    fig_dir = os.path.join(out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    md = [f"# DE-CM report: {', '.join(r['name'] for r in runs)}", ""]
+    md += ["| run | directory | step | evaluation |", "|---|---|---|---|"]
+    for r in runs:
+        step = r["metrics"]["step"] if r["metrics"] else (r["stats"][-1]["step"] if r["stats"] else 0)
+        md.append(f"| {r['name']} | `{r['dir']}` | {step} | {r['eval_dir'] or '—'} |")
+    md += ["", "## Metrics vs NFE", ""]
+    if any(r["rows"] for r in runs):
+        md += [table_markdown(runs), ""]
+        if plot_nfe(runs, os.path.join(fig_dir, "nfe.png")):
+            md += ["![metric vs NFE](figures/nfe.png)", ""]
+    else:
+        md += ["No evaluation found (run `python -m decm.evaluate RUN_DIR`).", ""]
+    md += ["## Loss curves", ""]
+    md += ["![losses](figures/losses.png)", ""] if plot_losses(runs, os.path.join(fig_dir, "losses.png")) else \
+          ["No stats.jsonl records.", ""]
+    md += ["## Samples", ""]
+    for r in runs:
+        src = os.path.join(r["eval_dir"] or r["dir"], "samples.png")
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(fig_dir, f"{r['name']}-samples.png"))
+            md += [f"**{r['name']}**", "", f"![{r['name']} samples](figures/{r['name']}-samples.png)", ""]
+    md += ["## Gin diff (against the first run)", ""]
+    for r in runs[1:]:
+        diff = gin_diff(runs[0]["config"], r["config"])
+        md += [f"**{runs[0]['name']} → {r['name']}**", "", "```diff", *(diff or ["(identical)"]), "```", ""]
+    if len(runs) == 1:
+        md += ["(one run)", ""]
+    path = os.path.join(out, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(md))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def build_wandb_report(run_dirs, project: str = "decm", entity: str | None = None):
+    """The W&B Report object (wandb-workspaces) with the local report's content; `.save()` publishes it."""
+    import wandb_workspaces.reports.v2 as wr
+
+    runs = collect(run_dirs)
+    blocks = [wr.H1(text=f"DE-CM report: {', '.join(r['name'] for r in runs)}"),
+              wr.H2(text="Metrics vs NFE"), wr.MarkdownBlock(text=table_markdown(runs))]
+    keys = loss_keys(runs)
+    panels = [wr.LinePlot(title=k, x="distill/step", y=[f"distill/{k}"], log_y=True) for k in keys]
+    blocks += [wr.H2(text="Loss curves"),
+               wr.PanelGrid(runsets=[wr.Runset(entity=entity or "", project=project, name="runs")], panels=panels)]
+    blocks += [wr.H2(text="Gin diff (against the first run)")]
+    for r in runs[1:]:
+        blocks.append(wr.CodeBlock(code="\n".join(gin_diff(runs[0]["config"], r["config"])) or "(identical)",
+                                   language="markdown"))
+    return wr.Report(project=project, entity=entity or "", title="DE-CM report", blocks=blocks)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m decm.report", description=__doc__.splitlines()[0])
+    p.add_argument("run_dirs", nargs="+", help="run directories")
+    p.add_argument("--out", default="report", help="output directory")
+    p.add_argument("--wandb-report", action="store_true", help="also publish a W&B Report (needs W&B online)")
+    p.add_argument("--project", default="decm", help="W&B project of the report")
+    p.add_argument("--entity", default=None, help="W&B entity of the report")
+    args = p.parse_args(argv)
+    try:
+        path = write_report(args.run_dirs, args.out)
+        print(f"report → {path}")
+        if args.wandb_report:
+            from decm.wandb_log import resolve_mode
+
+            if resolve_mode(None) != "online":
+                raise ValueError("--wandb-report needs W&B online (set WANDB_API_KEY or wandb login)")
+            report = build_wandb_report(args.run_dirs, args.project, args.entity)
+            report.save()
+            print(f"W&B report → {report.url}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"decm.report: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
