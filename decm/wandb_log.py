@@ -137,10 +137,12 @@ class Tracker:
     def save_files(self, *names: str) -> None:
         if not self.active:
             return
-        for name in names:
+        import shutil
+
+        for name in names:  # files in run.dir are uploaded with the run (offline: by `wandb sync`)
             path = os.path.join(self.run_dir, name)
             if os.path.exists(path):
-                self.run.save(path, base_path=self.run_dir, policy="now")
+                shutil.copyfile(path, os.path.join(self.run.dir, name))
 
     def log_stats(self, stage: str, record: dict) -> None:
         """One stats.jsonl record under `<stage>/` with `<stage>/step` as its x-axis."""

@@ -167,8 +167,10 @@ def evaluate(
     info = distributed.init(device)
     dev = info.device
     out_dir = out_dir or run_dir
-    student, step = load_student(run_dir, backbone, dataset, use_ema, checkpoint_step)
-    student = student.to(dev)
+    student, step = None, 0
+    if student_nfe:  # the 'teacher' ablation row evaluates the teacher alone
+        student, step = load_student(run_dir, backbone, dataset, use_ema, checkpoint_step)
+        student = student.to(dev)
     if teacher_nfe:
         if teacher_checkpoint:
             from decm.method.teachers import NetworkTeacher

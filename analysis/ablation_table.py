@@ -1,0 +1,236 @@
+"""The paper's ablation (Table 4 relations) at CPU scale, every row on the same budget.
+
+    python analysis/ablation_table.py --benchmark toy2d [--seeds 1] [--extended] [--backend local]
+
+Rows are gin diffs on the benchmark experiment (gin/ablations/*.gin): teacher, FM only, CD only,
+FM + CD (≈ FACM), FM + N2N, full DE-CM, and the peers sCM and MeanFlow distilled from the same
+teacher; `--extended` adds λ ∈ {0, 1}, r-decay off, CFG clipping off/on and N2N every 1 / 5 steps.
+Every row uses the benchmark's steps, batch and teacher (`--steps` overrides all rows alike) and seed
+k for `distill/train.seed` (the teacher is shared). Students are evaluated with the flow-map chain at
+NFE 1/2/4/50 and Euler on the instantaneous velocity F(x,t,t) at 50; the teacher with Euler.
+
+Writes `<out>/table.md`, `table.csv` (mean ± std over seeds), `results.json` (every run's rows),
+`relations.json` (the paper's relations (a)–(d), checked) and `plot.png`. Rows run in this process
+one after another (`--backend local`) or as separate jobs (`local-subprocess`, `slurm`; resources
+from `--cluster-gin`). Finished runs are reused: rerunning resumes and re-evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+BENCHMARKS = {"toy2d": ("gin/toy2d.gin", "sw2"), "digits": ("gin/quickstart.gin", "fid")}
+CORE = ["teacher", "fm_only", "cd_only", "fm_cd", "fm_n2n", "decm", "scm", "meanflow"]
+EXTENDED = ["lambda0", "lambda1", "r_decay_off", "clip_off", "clip_on", "n2n_every1", "n2n_every5"]
+LABELS = {"teacher": "teacher (Euler)", "fm_only": "FM only", "cd_only": "CD only", "fm_cd": "FM + CD (≈FACM)",
+          "fm_n2n": "FM + N2N", "decm": "DE-CM (full)", "scm": "sCM", "meanflow": "MeanFlow",
+          "lambda0": "DE-CM λ=0", "lambda1": "DE-CM λ=1", "r_decay_off": "DE-CM no r-decay",
+          "clip_off": "DE-CM clip off", "clip_on": "DE-CM clip on (η=1)", "n2n_every1": "DE-CM N2N every 1",
+          "n2n_every5": "DE-CM N2N every 5"}
+# (sampler, NFE) columns of the table; the teacher's are Euler at the same NFEs.
+COLUMNS = [("chain", 1), ("chain", 2), ("chain", 4), ("chain", 50), ("euler_instant", 50)]
+TEACHER_COLUMNS = {("chain", 1): 1, ("chain", 2): 2, ("chain", 4): 4, ("chain", 50): 50}
+DISTILLED = ["fm_only", "cd_only", "fm_cd", "fm_n2n", "decm", "scm", "meanflow"]
+
+
+def row_spec(benchmark: str, row: str, seed: int, steps: int | None, runs_root: str, extra=()):
+    from decm.job import RunSpec
+
+    gin_file = BENCHMARKS[benchmark][0]
+    bindings = [f"distill/train.seed = {seed}", f"evaluate.seed = {1234 + seed}", "train.progress = False",
+                f"wandb.group = 'ablation-{benchmark}'", f"wandb.tags = ['{row}', 'seed{seed}']"]
+    if row == "teacher":
+        bindings += ["evaluate.teacher_nfe = (1, 2, 4, 50)", "evaluate.teacher_samplers = ('teacher_euler',)"]
+    else:
+        bindings += ["evaluate.student_nfe = (1, 2, 4, 50)", "evaluate.student_samplers = ('chain', 'euler_instant')",
+                     "evaluate.teacher_nfe = ()"]
+        if steps:
+            bindings.append(f"distill/train.steps = {steps}")
+    run_dir = os.path.join(runs_root, benchmark, f"{row}-seed{seed}")
+    return RunSpec((gin_file, f"gin/ablations/{row}.gin"), tuple(bindings) + tuple(extra), run_dir, force=True)
+
+
+def run_all(specs, backend: str, cluster_gin: str | None):
+    """Runs every spec (in order locally, or as parallel jobs) and returns {run_dir: metrics dict}."""
+    from decm.job import parse, prepare, run
+
+    for spec in specs:  # validate everything and write the snapshots before running anything
+        prepare(spec)
+    if backend == "local":
+        for i, spec in enumerate(specs):
+            print(f"[ablation] {i + 1}/{len(specs)} {spec.run_dir}", file=sys.stderr, flush=True)
+            parse(spec.gin_files, spec.bindings)
+            run(spec)
+    else:
+        from decm.cluster import ClusterSpec, cluster, submit, with_backend
+
+        resources = ClusterSpec(backend=backend)
+        if cluster_gin:
+            parse([cluster_gin], [])
+            resources = with_backend(cluster(), backend)
+        jobs = [submit(spec, resources) for spec in specs]
+        for spec, job in zip(specs, jobs):
+            job.result()
+            print(f"[ablation] done {spec.run_dir} (job {job.job_id})", file=sys.stderr, flush=True)
+    out = {}
+    for spec in specs:
+        with open(os.path.join(spec.run_dir, "metrics.json")) as f:
+            out[spec.run_dir] = json.load(f)
+    return out
+
+
+def cell(rows, row: str, sampler: str, nfe: int, metric: str):
+    if row == "teacher":
+        if (sampler, nfe) not in TEACHER_COLUMNS:
+            return None
+        sampler = "teacher_euler"
+    for r in rows:
+        if r["sampler"] == sampler and r["nfe"] == nfe and metric in r:
+            return float(r[metric])
+    return None
+
+
+def aggregate(results: dict, rows_order, seeds, benchmark, runs_root, metric):
+    """{row: {(sampler, nfe): (mean, std, n)}}."""
+    table = {}
+    for row in rows_order:
+        table[row] = {}
+        for col in COLUMNS:
+            vals = []
+            for seed in seeds:
+                m = results.get(os.path.join(runs_root, benchmark, f"{row}-seed{seed}"))
+                v = cell(m["rows"], row, col[0], col[1], metric) if m else None
+                if v is not None:
+                    vals.append(v)
+            table[row][col] = (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
+    return table
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "—"
+    mean, std, n = v
+    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
+
+
+def relations(table) -> list[dict]:
+    """The paper's relations, checked on the means (lower is better)."""
+    def get(row, col):
+        v = table.get(row, {}).get(col)
+        return None if v is None else v[0]
+
+    out = []
+
+    def check(name, ok, detail):
+        out.append({"relation": name, "holds": None if ok is None else bool(ok), "detail": detail})
+
+    e50, c4, c2, c1 = ("euler_instant", 50), ("chain", 4), ("chain", 2), ("chain", 1)
+    a, b = get("cd_only", e50), get("fm_cd", e50)
+    check("(a) CD only worse than FM + CD at 50 NFE (Euler on F(x,t,t))", None if None in (a, b) else a > b,
+          f"CD only {a}, FM + CD {b}")
+    a, b = get("fm_cd", c4), get("fm_cd", c2)
+    check("(b) FM + CD: 4 NFE worse than 2 NFE (chain)", None if None in (a, b) else a > b, f"4 NFE {a}, 2 NFE {b}")
+    for col, label in ((c4, "4 NFE chain"), (e50, "50 NFE Euler"), (("chain", 50), "50 NFE chain")):
+        vals = {r: get(r, col) for r in DISTILLED if get(r, col) is not None}
+        if "decm" in vals:
+            best = min(vals.values())
+            std = table["decm"][col][1]
+            ok = vals["decm"] <= best * 1.05 or vals["decm"] - best <= std
+            check(f"(c) DE-CM best or tied (≤ 5% or 1 std) at {label}", ok,
+                  "; ".join(f"{LABELS[r]} {v:.4f}" for r, v in sorted(vals.items(), key=lambda p: p[1])))
+    d, s, m = get("decm", c1), get("scm", c1), get("meanflow", c1)
+    check("(d) DE-CM ≤ sCM and ≤ MeanFlow at 1 NFE", None if None in (d, s, m) else (d <= s and d <= m),
+          f"DE-CM {d}, sCM {s}, MeanFlow {m}")
+    return out
+
+
+def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_order):
+    os.makedirs(out, exist_ok=True)
+    head = ["row"] + [f"{'chain' if s == 'chain' else 'Euler F(x,t,t)'} {n}" for s, n in COLUMNS]
+    md = [f"# Ablation table — {benchmark}, {metric} (lower is better), seeds {list(seeds)}", "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    with open(os.path.join(out, "table.csv"), "w") as f:
+        f.write(",".join(["row"] + [f"{s}_{n}_{k}" for s, n in COLUMNS for k in ("mean", "std")]) + "\n")
+        for row in rows_order:
+            md.append(f"| {LABELS.get(row, row)} | " + " | ".join(fmt(table[row][c]) for c in COLUMNS) + " |")
+            vals = []
+            for c in COLUMNS:
+                v = table[row][c]
+                vals += ["", ""] if v is None else [f"{v[0]:.6g}", f"{v[1]:.6g}"]
+            f.write(",".join([row] + vals) + "\n")
+    md += ["", "Teacher columns: Euler on the teacher velocity at the same NFE.", "", "## Relations", ""]
+    for r in rels:
+        mark = "n/a" if r["holds"] is None else ("holds" if r["holds"] else "does NOT hold")
+        md.append(f"- {r['relation']}: **{mark}** — {r['detail']}")
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(out, "relations.json"), "w") as f:
+        json.dump(rels, f, indent=2)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows_order:
+        pts = [(n, table[row][(s, n)][0]) for s, n in COLUMNS if s == "chain" and table[row][(s, n)]]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(row, row))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (chain; teacher: Euler)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "plot.png"), dpi=110)
+    plt.close(fig)
+    return "\n".join(md)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="toy2d")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per row (distill/train.seed = 0 … N−1)")
+    p.add_argument("--rows", nargs="+", default=None, help=f"subset of rows (default: {' '.join(CORE)})")
+    p.add_argument("--extended", action="store_true", help="add the λ / r-decay / clipping / N2N-period rows")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps for every row (default: the benchmark's)")
+    p.add_argument("--backend", default="local", choices=("local", "local-subprocess", "slurm"))
+    p.add_argument("--cluster-gin", default=None, help="gin file with cluster.* resources for submitted rows")
+    p.add_argument("--bind", action="append", default=[], help="extra gin binding for every row (repeatable)")
+    p.add_argument("--runs-root", default="runs/ablations", help="where the row runs live")
+    p.add_argument("--out", default=None, help="output dir (default analysis/results/ablation-<benchmark>)")
+    args = p.parse_args(argv)
+    sys.path.insert(0, os.getcwd())
+    rows = args.rows or (CORE + (EXTENDED if args.extended else []))
+    bad = [r for r in rows if not os.path.exists(f"gin/ablations/{r}.gin")]
+    if bad or args.seeds < 1:
+        print(f"ablation_table: error: unknown rows {bad} or --seeds < 1 (rows: {' '.join(CORE + EXTENDED)})",
+              file=sys.stderr)
+        return 2
+    from decm.job import ConfigError
+
+    seeds = list(range(args.seeds))
+    specs = [row_spec(args.benchmark, r, s, args.steps, args.runs_root, args.bind) for r in rows for s in seeds]
+    try:
+        results = run_all(specs, args.backend, args.cluster_gin)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"ablation_table: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    metric = BENCHMARKS[args.benchmark][1]
+    table = aggregate(results, rows, seeds, args.benchmark, args.runs_root, metric)
+    rels = relations(table)
+    out = args.out or os.path.join("analysis", "results", f"ablation-{args.benchmark}")
+    print(write_outputs(table, rels, results, out, args.benchmark, metric, seeds, rows))
+    print(f"\n→ {out}/table.md, table.csv, relations.json, results.json, plot.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
