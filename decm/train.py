@@ -102,6 +102,7 @@ def train(
     progress: bool = True,               # tqdm progress bar with loss and it/s (rank 0)
     stop_after_steps: int = 0,           # testing/preemption aid: return after this many new steps (0: off)
     snapshot_every_steps: int = 0,       # distill: fixed-noise EMA samples + stats every k steps (0: off)
+    part_grad_every_steps: int = 0,      # distill: log CM sup/self-supervised gradient norms every k steps (0: off)
     build_only: bool = False,            # dry run: build every object (model on the meta device), train nothing
     tracker=None,                        # decm.wandb_log.Tracker of the launch (set by experiment; None: no W&B)
 ):
@@ -138,6 +139,7 @@ def train(
       progress: show a progress bar.
       stop_after_steps: stop after this many new steps (0: off).
       snapshot_every_steps: evaluation hook period (decm.snapshots; distill only; 0: off).
+      part_grad_every_steps: period of decm.method.diagnostics.part_grad_norms (extra backward passes).
       build_only: build on the meta device and return a summary.
       tracker: W&B tracker (rank 0 logs every stats record under `<stage>/`).
     """
@@ -227,7 +229,11 @@ def train(
         x1, y = x1.to(device), (y.to(device) if y is not None else None)
         try:
             with autocast:
-                loss, stats, _ = objective(wrapped, teacher, x1, y, step, g)
+                loss, stats, ctx = objective(wrapped, teacher, x1, y, step, g)
+                if part_grad_every_steps and stage == "distill" and (step + 1) % part_grad_every_steps == 0:
+                    from decm.method.diagnostics import part_grad_norms
+
+                    stats.update(part_grad_norms(objective, ctx, params))
             ok = bool(torch.isfinite(loss))
         except NonFiniteTargetError:
             loss, stats, ok = None, {}, False

@@ -43,6 +43,7 @@ class Context:
         self.x1, self.z, self.y, self.step = x1, z, y, step
         self.jvp_method, self.nan_policy, self.generator = jvp_method, nan_policy, generator
         self._points, self._velocities = {}, {}
+        self.selected: dict = {}  # term name → (t, s) it was evaluated on (diagnostics)
         self.stats: dict[str, float] = {}
         self.nan_masked = 0
 
@@ -148,6 +149,7 @@ class Objective(nn.Module):
                 continue
             t, s = term.selector(u, step, generator)
             t, s = t.to(x1.device), s.to(x1.device)
+            ctx.selected[term.term_name] = (t, s)
             value = term.loss(ctx, t, s).mean()
             stats[f"loss/{term.term_name}"] = float(value.detach())
             total = total + term.weight * value

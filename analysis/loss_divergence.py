@@ -1,0 +1,221 @@
+"""Loss-divergence study: is the self-supervised part of the CM objective what destabilises training,
+and does the flow-matching boundary term calm it?
+
+    python analysis/loss_divergence.py [--benchmark toy2d] [--steps 600] [--configs ...]
+    python analysis/loss_divergence.py --runs RUN_DIR [RUN_DIR ...]      # analyse existing runs
+
+Each configuration is a short distillation run (the benchmark's model, data, teacher and batch) with
+`distill/train.part_grad_every_steps = 1`, which logs per step the gradient norms of the CM loss's
+supervised part ‖F − v_φ‖² and self-supervised part ‖F − ṽ‖² (method.md eq. 8), their cosine, each
+loss, the total gradient norm and every term's loss (decm.method.diagnostics). Configurations:
+CD only vs CD + FM boundary; one cluster at a time (consistency / instantaneous / N2N); time samplers;
+CM target plain (no tangent normalisation or clamp) vs FACM clamp vs sCM normalisation.
+
+Divergence events: a step whose total loss exceeds `--loss-factor` × the running median of the previous
+`--window` steps, or whose gradient norm exceeds `--grad-factor` × its running median, or that was
+skipped as non-finite. Writes `<out>/summary.md`, `summary.csv`, `summary.json`, `grad_parts.png`
+(sup/self gradient norms vs step), `losses.png`, `divergence.png`. Runs log to W&B like any launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+BENCHMARKS = {"toy2d": "gin/toy2d.gin", "digits": "gin/quickstart.gin"}
+# name: (ablation row gin, extra bindings, description)
+CONFIGS = {
+    "cd_only": ("cd_only", [], "CD only (FACM target)"),
+    "cd_fm": ("fm_cd", [], "CD + FM boundary"),
+    "consistency": ("cd_only", ["losses.cm_loss.target = 'plain'", "losses.cm_loss.robust_c = 0.0",
+                                "losses.cm_loss.weighting = 'none'"], "consistency cluster, plain CM"),
+    "instantaneous": ("fm_only", [], "instantaneous cluster (FM)"),
+    "noise_to_noisy": ("n2n_only", [], "N2N cluster"),
+    "cd_fm_logit_normal": ("fm_cd", ["objectives.objective.time_sampler = @time_samplers.logit_normal()"],
+                           "CD + FM, logit-normal t"),
+    "cd_fm_arctan": ("fm_cd", ["objectives.objective.time_sampler = @time_samplers.arctan_lognormal()"],
+                     "CD + FM, arctan-lognormal t (FACM)"),
+    "cd_plain": ("cd_only", ["losses.cm_loss.target = 'plain'"], "CD only, no clamp / normalisation"),
+    "cd_scm_norm": ("cd_only", ["losses.cm_loss.target = 'scm'"], "CD only, sCM tangent normalisation"),
+    "cd_fm_plain": ("fm_cd", ["losses.cm_loss.target = 'plain'"], "CD + FM, no clamp / normalisation"),
+}
+DEFAULT = ["cd_only", "cd_fm", "consistency", "instantaneous", "noise_to_noisy", "cd_fm_logit_normal",
+           "cd_fm_arctan", "cd_plain", "cd_scm_norm", "cd_fm_plain"]
+
+
+def config_spec(benchmark, name, steps, seed, runs_root, extra=()):
+    from decm.job import RunSpec
+
+    row, binds, _ = CONFIGS[name]
+    bindings = ["experiment.stages = ('distill',)", f"distill/train.steps = {steps}", f"distill/train.seed = {seed}",
+                "distill/train.part_grad_every_steps = 1", "distill/train.log_every_steps = 1",
+                f"distill/train.ckpt_every_steps = {steps}", "distill/train.max_consecutive_bad_steps = 1000000",
+                "train.progress = False", f"wandb.group = 'loss-divergence-{benchmark}'", f"wandb.tags = ['{name}']"]
+    if benchmark == "digits":
+        bindings.insert(0, "experiment.stages = ('teacher', 'distill')")
+    return RunSpec((BENCHMARKS[benchmark], f"gin/ablations/{row}.gin"), tuple(bindings + binds + list(extra)),
+                   os.path.join(runs_root, benchmark, f"{name}-seed{seed}"), force=True)
+
+
+def running_median_events(values, window: int, factor: float) -> np.ndarray:
+    """Boolean per step: value > factor × median of the previous `window` finite values (or non-finite)."""
+    v = np.asarray(values, dtype=np.float64)
+    ev = ~np.isfinite(v)
+    for i in range(1, len(v)):
+        prev = v[max(0, i - window): i]
+        prev = prev[np.isfinite(prev)]
+        if len(prev) >= min(window, 10) and np.isfinite(v[i]) and v[i] > factor * np.median(prev):
+            ev[i] = True
+    return ev
+
+
+def analyse(stats: list[dict], window=50, loss_factor=3.0, grad_factor=5.0) -> dict:
+    """Summary statistics and divergence events of one run's stats.jsonl records."""
+    stats = [r for r in stats if "step" in r]
+    loss = [r.get("loss/total", np.nan) for r in stats]
+    grad = [r.get("grad_norm", np.nan) for r in stats]
+    ev_loss = running_median_events(loss, window, loss_factor)
+    ev_grad = running_median_events(grad, window, grad_factor)
+    skipped = np.diff([0] + [r.get("nan/skipped_total", 0) for r in stats]) > 0
+    events = ev_loss | ev_grad | skipped
+    out = {"steps": len(stats), "divergence_events": int(events.sum()),
+           "divergence_rate": float(events.mean()) if len(stats) else float("nan"),
+           "loss_events": int(ev_loss.sum()), "grad_events": int(ev_grad.sum()), "skipped": int(skipped.sum()),
+           "final_loss": float(np.nanmean(loss[-max(1, len(loss) // 10):])) if loss else float("nan"),
+           "grad_norm_median": float(np.nanmedian(grad)) if grad else float("nan")}
+    for key in sorted({k for r in stats for k in r if k.startswith("grad/") and not k.endswith("_cos")}):
+        v = np.array([r[key] for r in stats if key in r], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if len(v):
+            out[f"{key}/median"] = float(np.median(v))
+            out[f"{key}/cv"] = float(np.std(v) / (np.mean(v) + 1e-30))  # noisiness: coefficient of variation
+            out[f"{key}/p99_over_median"] = float(np.percentile(v, 99) / (np.median(v) + 1e-30))
+    for key in sorted({k for r in stats for k in r if k.endswith("_sup_self_cos")}):
+        out[f"{key}/mean"] = float(np.nanmean([r[key] for r in stats if key in r]))
+    return out
+
+
+def plots(named_stats: dict, summaries: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_parts = [n for n, st in named_stats.items() if any("grad/cm_sup" in r for r in st)]
+    if with_parts:
+        fig, axes = plt.subplots(1, len(with_parts), figsize=(3.6 * len(with_parts), 3.0), squeeze=False, sharey=True)
+        for ax, name in zip(axes[0], with_parts):
+            st = named_stats[name]
+            for key, label in (("grad/cm_sup", "supervised ‖F − v‖²"), ("grad/cm_self", "self-supervised ‖F − ṽ‖²")):
+                pts = [(r["step"], r[key]) for r in st if key in r]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.7, label=label)
+            ax.set_yscale("log")
+            ax.set_title(name, fontsize=8)
+            ax.set_xlabel("step")
+        axes[0][0].set_ylabel("gradient norm")
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "grad_parts.png"), dpi=100)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, st in named_stats.items():
+        pts = [(r["step"], r["loss/total"]) for r in st if "loss/total" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.7, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("total loss")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "losses.png"), dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = list(summaries)
+    ax.bar(range(len(names)), [summaries[n]["divergence_rate"] for n in names])
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel("divergence events / step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "divergence.png"), dpi=100)
+    plt.close(fig)
+
+
+def write_summary(summaries: dict, out: str, descriptions: dict) -> str:
+    cols = ["steps", "divergence_events", "divergence_rate", "final_loss", "grad_norm_median",
+            "grad/cm_sup/median", "grad/cm_self/median", "grad/cm_sup/cv", "grad/cm_self/cv",
+            "grad/cm_sup_self_cos/mean"]
+    md = ["| config | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name, s in summaries.items():
+        vals = [f"{s[c]:.4g}" if isinstance(s.get(c), float) else str(s.get(c, "—")) for c in cols]
+        md.append(f"| {name} ({descriptions.get(name, '')}) | " + " | ".join(vals) + " |")
+    with open(os.path.join(out, "summary.csv"), "w") as f:
+        f.write("config," + ",".join(cols) + "\n")
+        for name, s in summaries.items():
+            f.write(name + "," + ",".join(str(s.get(c, "")) for c in cols) + "\n")
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summaries, f, indent=2)
+    text = "\n".join(md)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="toy2d")
+    p.add_argument("--configs", nargs="+", default=None, help=f"subset of: {' '.join(CONFIGS)}")
+    p.add_argument("--steps", type=int, default=600, help="distillation steps per configuration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", nargs="+", default=None, help="analyse these run directories instead of training")
+    p.add_argument("--bind", action="append", default=[], help="extra gin binding for every configuration")
+    p.add_argument("--window", type=int, default=50, help="running-median window (steps)")
+    p.add_argument("--loss-factor", type=float, default=3.0, help="loss event: loss > factor × running median")
+    p.add_argument("--grad-factor", type=float, default=5.0, help="gradient event: norm > factor × running median")
+    p.add_argument("--runs-root", default="runs/analysis/loss_divergence")
+    p.add_argument("--out", default=None, help="default analysis/results/loss_divergence-<benchmark>")
+    args = p.parse_args(argv)
+    sys.path.insert(0, os.getcwd())
+    from decm.tracking import read_stats
+
+    descriptions = {}
+    try:
+        if args.runs:
+            dirs = {}
+            for d in args.runs:
+                if not os.path.isfile(os.path.join(d, "stats.jsonl")):
+                    raise FileNotFoundError(f"{d} has no stats.jsonl")
+                dirs[os.path.basename(os.path.abspath(d))] = d
+        else:
+            names = args.configs or DEFAULT
+            bad = [n for n in names if n not in CONFIGS]
+            if bad:
+                raise ValueError(f"unknown configs {bad}; choices: {' '.join(CONFIGS)}")
+            from decm.job import parse, prepare, run
+
+            dirs = {}
+            for i, name in enumerate(names):
+                spec = config_spec(args.benchmark, name, args.steps, args.seed, args.runs_root, args.bind)
+                print(f"[loss_divergence] {i + 1}/{len(names)} {name}", file=sys.stderr, flush=True)
+                prepare(spec)
+                parse(spec.gin_files, spec.bindings)
+                run(spec)
+                dirs[name] = spec.run_dir
+                descriptions[name] = CONFIGS[name][2]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"loss_divergence: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("analysis", "results", f"loss_divergence-{args.benchmark}")
+    os.makedirs(out, exist_ok=True)
+    named = {n: read_stats(d) for n, d in dirs.items()}
+    summaries = {n: analyse(st, args.window, args.loss_factor, args.grad_factor) for n, st in named.items()}
+    plots(named, summaries, out)
+    print(write_summary(summaries, out, descriptions))
+    print(f"\n→ {out}/summary.md, summary.csv, summary.json, grad_parts.png, losses.png, divergence.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
