@@ -108,3 +108,25 @@ def test_slurm_preemption_requeues_and_ends_identical_to_an_uninterrupted_run(tm
     b = checkpoint.latest_valid(os.path.join(spec.run_dir, "checkpoints"))[1]
     assert a["step"] == b["step"] == 800
     assert_same_state(a, b)  # model, EMA, optimizer moments, objective state, counters
+
+
+def test_slurm_sweep_array_of_two_workers(tmp_path):
+    import importlib.util
+
+    import optuna
+
+    from decm import sweep
+
+    spec = importlib.util.spec_from_file_location("weight_sweep", "sweeps/weight_sweep.py")
+    ws = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ws)
+    argv = ["--gin", "sweeps/toy2d_sweep.gin", "--space", "sweeps/spaces/tiny.yaml", "--trials", "2", "--workers", "2",
+            "--backend", "slurm", "--sweep-dir", str(tmp_path / "sw"), "--study", "s",
+            "--bind", "distill/train.steps = 6", "--bind", "backbones.mlp.width = 16",
+            "--bind", "evaluate.n_samples = 200", "--bind", "evaluate.student_nfe = (1,)"]
+    assert ws.main(argv) == 0
+    study = optuna.load_study(study_name="s", storage=sweep.storage_for(
+        sweep.SweepSpec((), (), {}, str(tmp_path / "sw"), "s")))
+    done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) >= 2 and all(t.user_attrs["job_id"].startswith("slurm:") for t in done)
+    assert (tmp_path / "sw" / "best.gin").exists()

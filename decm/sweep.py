@@ -1,0 +1,402 @@
+"""Optuna sweeps over gin bindings: space, validation, storage, workers, reaping, outputs.
+
+A sweep lives in one directory (`sweeps/runs/<study>` by default):
+    journal.log          Optuna JournalStorage (file backend: safe for many processes on a shared FS)
+    sweep.json           the plain-data SweepSpec (what the workers run)
+    trials/trial-N/      one run directory per trial (resumable like any run)
+    workers/             local worker logs (Slurm: submitit/<job id>/)
+    best.gin, trials.csv, history.png, importances.png, slices.png   written by `finalize`
+
+Space file (`.py` defining SPACE, or `.yaml`/`.json` holding the same mapping): gin binding → spec,
+    {"type": "float", "low": 0.1, "high": 3.0, "log": True}
+    {"type": "int", "low": 1, "high": 5}
+    {"type": "categorical", "choices": ["@time_samplers.uniform_segmented()", "@time_samplers.logit_normal()"]}
+Choices that reference components (`@kind.name` / `@kind.name()`) must be registry names. Every
+binding and choice is parsed with gin before any trial runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import sys
+import time
+
+OBJECTIVE_DIRECTION = "minimize"
+
+
+class SweepError(ValueError):
+    """Bad sweep input (space, storage, metric); printed on one line, exit 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """Plain data shared by the launcher and every worker.
+
+    Args:
+      gin_files: experiment gin files.
+      bindings: fixed extra bindings.
+      space: {binding: spec} (see module docstring).
+      sweep_dir: the sweep directory.
+      study: Optuna study name.
+      storage: Optuna storage URL ('' : the journal file in sweep_dir).
+      trials: number of finished (complete or pruned) trials to reach (concurrent workers may overshoot
+        by at most workers − 1 when they ask at the same instant).
+      metric: dotted path into a trial's metrics.json (minimised), e.g. 'student.1.sw2'.
+      report_every: snapshot/report period in steps for pruning (0: no pruning).
+      report_key: snapshot record key reported to the pruner (e.g. 'nfe1/sw2').
+      seed: base sampler seed (worker w uses seed + w).
+    """
+
+    gin_files: tuple
+    bindings: tuple
+    space: dict
+    sweep_dir: str
+    study: str
+    storage: str = ""
+    trials: int = 12
+    metric: str = "student.1.sw2"
+    report_every: int = 0
+    report_key: str = "nfe1/sw2"
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SweepSpec":
+        d = json.loads(text)
+        d["gin_files"], d["bindings"] = tuple(d["gin_files"]), tuple(d["bindings"])
+        return cls(**d)
+
+
+def load_space(path: str) -> dict:
+    """SPACE from a .py file, or the mapping in a .yaml / .json file."""
+    if not os.path.isfile(path):
+        raise SweepError(f"space file not found: {path}")
+    if path.endswith(".py"):
+        import runpy
+
+        space = runpy.run_path(path).get("SPACE")
+    elif path.endswith((".yaml", ".yml")):
+        import yaml
+
+        with open(path) as f:
+            space = yaml.safe_load(f)
+    elif path.endswith(".json"):
+        with open(path) as f:
+            space = json.load(f)
+    else:
+        raise SweepError(f"space file must be .py, .yaml or .json: {path}")
+    if not isinstance(space, dict) or not space:
+        raise SweepError(f"{path}: the space must be a non-empty mapping binding → spec (SPACE = {{...}})")
+    return space
+
+
+def literal(value) -> str:
+    """A Python value as gin text (component references pass through)."""
+    if isinstance(value, str) and value.startswith(("@", "%")):
+        return value
+    return repr(value)
+
+
+def check_space(space: dict) -> None:
+    from decm import registry
+
+    registry.import_all()
+    for binding, spec in space.items():
+        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
+            raise SweepError(f"space entry {binding!r}: needs type float, int or categorical")
+        if spec["type"] in ("float", "int"):
+            if "low" not in spec or "high" not in spec or not spec["low"] < spec["high"]:
+                raise SweepError(f"space entry {binding!r}: needs low < high")
+            if spec.get("log") and spec["low"] <= 0:
+                raise SweepError(f"space entry {binding!r}: log scale needs low > 0")
+        else:
+            choices = spec.get("choices")
+            if not choices:
+                raise SweepError(f"space entry {binding!r}: needs a non-empty choices list")
+            for c in choices:
+                if isinstance(c, str) and c.startswith("@"):
+                    kind, _, name = c[1:].rstrip("()").partition(".")
+                    if kind not in registry.KINDS or name not in registry.names(kind):
+                        raise SweepError(f"space entry {binding!r}: {c} is not a registered component "
+                                         f"(python -m decm.launch --list)")
+
+
+def candidate_bindings(space: dict) -> list[list[str]]:
+    """Binding sets that together use every bound of every parameter (for validation)."""
+    sets = []
+    for binding, spec in space.items():
+        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+        for v in values:
+            v = int(v) if spec["type"] == "int" else v
+            sets.append([f"{binding} = {literal(v)}"])
+    return sets
+
+
+def validate(spec: SweepSpec) -> None:
+    """Parses and builds the experiment with every bound/choice of the space; raises SweepError."""
+    from decm.job import ConfigError, build, parse
+
+    check_space(spec.space)
+    for extra in candidate_bindings(spec.space):
+        try:
+            parse(spec.gin_files, tuple(spec.bindings) + tuple(extra))
+            build("/nonexistent/sweep-validation")
+        except ConfigError as e:
+            raise SweepError(f"space binding {extra[0]!r}: {e}") from None
+    if not spec.metric:
+        raise SweepError("--metric must name a metrics.json entry, e.g. student.1.sw2")
+
+
+def storage_for(spec: SweepSpec, workers: int = 1):
+    import optuna
+
+    if not spec.storage:
+        from optuna.storages.journal import JournalFileBackend
+
+        os.makedirs(spec.sweep_dir, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(os.path.join(spec.sweep_dir, "journal.log")))
+    if spec.storage.startswith("sqlite") and workers > 1:
+        raise SweepError("SQLite storage is unsafe for parallel workers; use the default journal file or a "
+                         "server database URL (postgresql://, mysql://)")
+    if spec.storage.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(spec.storage[len("journal:"):]))
+    return optuna.storages.RDBStorage(spec.storage)
+
+
+def load_study(spec: SweepSpec, worker: int = 0, workers: int = 1):
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=spec.seed + worker, constant_liar=True,
+                                         n_startup_trials=min(5, max(1, spec.trials // 3)))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0) if spec.report_every else \
+        optuna.pruners.NopPruner()
+    return optuna.create_study(study_name=spec.study, storage=storage_for(spec, workers), sampler=sampler,
+                               pruner=pruner, direction=OBJECTIVE_DIRECTION, load_if_exists=True)
+
+
+def suggest(trial, space: dict) -> list[str]:
+    out = []
+    for binding, s in space.items():
+        if s["type"] == "float":
+            v = trial.suggest_float(binding, s["low"], s["high"], log=bool(s.get("log")))
+        elif s["type"] == "int":
+            v = trial.suggest_int(binding, int(s["low"]), int(s["high"]), log=bool(s.get("log")))
+        else:
+            v = trial.suggest_categorical(binding, list(s["choices"]))
+        out.append(f"{binding} = {literal(v)}")
+    return out
+
+
+def metric_value(metrics: dict, path: str) -> float:
+    node = metrics
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise SweepError(f"metric {path!r} not in metrics.json (keys at this level: {list(node)[:8]})")
+        node = node[part]
+    return float(node)
+
+
+def worker_identity() -> str:
+    """Slurm array job_task, else Slurm job, else host:pid (recorded as the trial's job id)."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return f"slurm:{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}"
+    return f"pid:{socket.gethostname()}:{os.getpid()}"
+
+
+def finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+
+
+def running(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def run_trial(spec: SweepSpec, study, trial) -> float:
+    import optuna
+
+    from decm import snapshots
+    from decm.job import RunSpec, parse, prepare, run
+
+    run_dir = os.path.join(spec.sweep_dir, "trials", f"trial-{trial.number:04d}")
+    binds = list(spec.bindings) + suggest(trial, spec.space) + [
+        f"wandb.group = 'sweep-{spec.study}'", f"wandb.tags = ['trial-{trial.number}']", "train.progress = False"]
+    if spec.report_every:
+        binds.append(f"distill/train.snapshot_every_steps = {spec.report_every}")
+    trial.set_user_attr("run_dir", run_dir)
+    trial.set_user_attr("job_id", worker_identity())
+    rspec = RunSpec(tuple(spec.gin_files), tuple(binds), run_dir, force=True)
+    prepare(rspec)
+    with open(os.path.join(run_dir, "wandb_id")) as f:
+        trial.set_user_attr("wandb_id", f.read().strip())
+
+    def report(record):
+        if spec.report_key in record:
+            trial.report(float(record[spec.report_key]), int(record["step"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {record['step']}")
+
+    snapshots.clear_listeners()
+    snapshots.add_listener(report)
+    try:
+        parse(rspec.gin_files, rspec.bindings)
+        run(rspec)
+    finally:
+        snapshots.clear_listeners()
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return metric_value(json.load(f), spec.metric)
+
+
+def worker(spec: SweepSpec, index: int = 0, workers: int = 1) -> int:
+    """Runs trials until the study has `spec.trials` finished ones; returns how many this worker ran."""
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = load_study(spec, index, workers)
+    me, ran = worker_identity(), 0
+    max_failures = max(3, spec.trials)
+    while finished(study) + running(study) < spec.trials:  # others' running trials count (no overshoot)
+        if sum(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False)) >= max_failures:
+            print(f"[sweep] worker {index}: {max_failures} failed trials, stopping", file=sys.stderr, flush=True)
+            break
+        trial = study.ask()
+        try:
+            value = run_trial(spec, study, trial)
+            study.tell(trial, value)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except Exception as e:  # noqa: BLE001 — a failing trial must not stop the sweep
+            print(f"[sweep] worker {index} ({me}): trial {trial.number} failed: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr, flush=True)
+            study.tell(trial, state=TrialState.FAIL)
+        ran += 1
+    return ran
+
+
+def job_alive(job_id: str) -> bool:
+    """Whether the process / Slurm job that runs a trial still exists (unknown → alive)."""
+    import subprocess
+
+    if job_id.startswith("pid:"):
+        _, host, pid = job_id.split(":")
+        if host != socket.gethostname():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    if job_id.startswith("slurm:"):
+        try:
+            out = subprocess.run(["squeue", "-h", "-j", job_id[len("slurm:"):]], capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return True
+        return out.returncode != 0 or bool(out.stdout.strip())
+    return True
+
+
+def reap(study) -> list[int]:
+    """Marks RUNNING trials whose worker is gone as FAIL; returns their numbers."""
+    from optuna.trial import TrialState
+
+    dead = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        job = t.user_attrs.get("job_id")
+        if job and not job_alive(job):
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            dead.append(t.number)
+    return dead
+
+
+def finalize(spec: SweepSpec) -> dict:
+    """best.gin, trials.csv and the plots; returns a summary."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = load_study(spec)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    states = {s.name: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
+    summary = {"study": spec.study, "states": {k: v for k, v in states.items() if v}, "best": None}
+    write_trials_csv(study, os.path.join(spec.sweep_dir, "trials.csv"))
+    if complete:
+        best = study.best_trial
+        summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
+                           "run_dir": best.user_attrs.get("run_dir")}
+        lines = [f"# Best trial {best.number} of study {spec.study!r}: {spec.metric} = {best.value:.6g}",
+                 f"# run directory: {best.user_attrs.get('run_dir')}", f"# use: --gin <experiment> --gin this file"]
+        lines += [f"{k} = {literal(v)}  # swept" for k, v in best.params.items()]
+        with open(os.path.join(spec.sweep_dir, "best.gin"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    plots = [("history.png", ovm.plot_optimization_history, 1), ("slices.png", ovm.plot_slice, 1),
+             ("importances.png", ovm.plot_param_importances, 3)]
+    for name, fn, need in plots:
+        if len(complete) < need or (name == "importances.png" and len(spec.space) < 2):
+            continue
+        try:
+            fn(study)
+            plt.gcf().set_size_inches(8, 4)
+            plt.tight_layout()
+            plt.savefig(os.path.join(spec.sweep_dir, name), dpi=100)
+        except (ValueError, RuntimeError) as e:  # e.g. importances with constant values
+            summary.setdefault("plot_errors", {})[name] = str(e).splitlines()[0]
+        finally:
+            plt.close("all")
+    with open(os.path.join(spec.sweep_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+def write_trials_csv(study, path: str) -> None:
+    """One row per trial: number, state, value, params, run dir, job id, W&B id, duration."""
+    import csv
+
+    trials = study.get_trials(deepcopy=False)
+    params = sorted({k for t in trials for k in t.params})
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["number", "state", "value"] + [f"param:{p}" for p in params] +
+                   ["run_dir", "job_id", "wandb_id", "seconds"])
+        for t in trials:
+            secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else ""
+            w.writerow([t.number, t.state.name, "" if t.value is None else t.value] +
+                       [t.params.get(p, "") for p in params] +
+                       [t.user_attrs.get("run_dir", ""), t.user_attrs.get("job_id", ""),
+                        t.user_attrs.get("wandb_id", ""), secs])
+    os.replace(path + ".tmp", path)
+
+
+def wait_local(procs, timeout_s: float | None = None) -> None:
+    start = time.time()
+    while any(p.poll() is None for p in procs):
+        if timeout_s and time.time() - start > timeout_s:
+            raise TimeoutError("local workers did not finish")
+        time.sleep(0.5)
+
+
+def slurm_worker(spec_json: str, index: int, workers: int) -> int:
+    """Entry point of one Slurm array task (plain data in)."""
+    return worker(SweepSpec.from_json(spec_json), index, workers)
