@@ -23,8 +23,8 @@ class NonFiniteTargetError(RuntimeError):
 class Context:
     """Per-step state shared by all loss terms: the batch, the noise, memoised points and velocities.
 
-    `point(t)` and `velocity(x, t)` are memoised per tensor object, so terms that share the same base
-    times (e.g. L_cm and L_fm) share x_t and one teacher call.
+    `point(t)` and `velocity(x, t)` are memoised by value, so terms that share the same base times
+    (L_cm and L_fm both evaluate at u) share x_t and one teacher call.
 
     Args:
       student: the with-grad student (possibly DDP-wrapped).
@@ -37,28 +37,42 @@ class Context:
     """
 
     def __init__(self, student, teacher, guidance, x1, z, y, step, jvp_method="autograd", nan_policy="mask",
-                 generator=None):
+                 generator=None, share: bool = True):
         self.student, self.student_raw = student, unwrap(student)
         self.teacher, self.guidance = teacher, guidance
         self.x1, self.z, self.y, self.step = x1, z, y, step
         self.jvp_method, self.nan_policy, self.generator = jvp_method, nan_policy, generator
-        self._points, self._velocities = {}, {}
+        self._points, self._velocities = [], []  # [(key tensors, value)], matched by value
         self.selected: dict = {}  # term name → (t, s) it was evaluated on (diagnostics)
+        self.share = share  # memoise points / teacher velocities across terms (False: recompute, for tests)
         self.stats: dict[str, float] = {}
         self.nan_masked = 0
 
+    @staticmethod
+    def _lookup(cache: list, keys: tuple):
+        """The cached value whose key tensors equal `keys` (same object, or same shape and values)."""
+        for cached_keys, value in cache:
+            if all(a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+                   for a, b in zip(cached_keys, keys)):
+                return value
+        return None
+
     def point(self, t):
-        key = id(t)
-        if key not in self._points:
+        """x_t = (1 − t)·z + t·x₁, memoised by the value of t (terms on the same times share it)."""
+        x = self._lookup(self._points, (t,)) if self.share else None
+        if x is None:
             tb = bcast(t, self.x1)
-            self._points[key] = (t, (1 - tb) * self.z + tb * self.x1)
-        return self._points[key][1]
+            x = (1 - tb) * self.z + tb * self.x1
+            self._points.append(((t,), x))
+        return x
 
     def velocity(self, x, t):
-        key = (id(x), id(t))
-        if key not in self._velocities:
-            self._velocities[key] = (x, t, self.guidance(self.teacher, x, t, self.y))
-        return self._velocities[key][2]
+        """Guided teacher velocity at (x, t), memoised by value: L_cm and L_fm share one teacher call."""
+        v = self._lookup(self._velocities, (x, t)) if self.share else None
+        if v is None:
+            v = self.guidance(self.teacher, x, t, self.y)
+            self._velocities.append(((x, t), v))
+        return v
 
     def jvp(self, x, t, s, dx, dt, ds):
         """JVP of the unwrapped student, always outside autocast (bf16 runs keep the tangent in fp32)."""
@@ -115,10 +129,12 @@ class Objective(nn.Module):
       guidance: teacher guidance (cfg or no_guidance).
       jvp_method: 'autograd' (torch.func.jvp, no grad, unwrapped module) or 'fd' (float64 central).
       nan_policy: 'mask' (per-sample, counted) or 'skip' (the whole step, counted).
+      share_teacher_calls: terms at the same (x_t, t) share one teacher call (identical losses; False
+        recomputes it per term, for checks and benchmarks).
     """
 
     def __init__(self, terms=(), time_sampler=None, guidance=None, jvp_method: str = "autograd",
-                 nan_policy: str = "mask"):
+                 nan_policy: str = "mask", share_teacher_calls: bool = True):
         super().__init__()
         if nan_policy not in ("mask", "skip"):
             raise ValueError(f"objective.nan_policy must be 'mask' or 'skip', got {nan_policy!r}")
@@ -130,7 +146,7 @@ class Objective(nn.Module):
         self.terms = nn.ModuleList(terms)
         self.time_sampler = time_sampler or UniformSegmented()
         self.guidance = guidance or NoGuidance()
-        self.jvp_method, self.nan_policy = jvp_method, nan_policy
+        self.jvp_method, self.nan_policy, self.share_teacher_calls = jvp_method, nan_policy, share_teacher_calls
 
     def uses_jvp(self) -> bool:
         from decm.method.losses import CMLoss, MeanFlowLoss, N2NLoss
@@ -141,7 +157,8 @@ class Objective(nn.Module):
         batch = x1.shape[0]
         z = torch.randn(x1.shape, generator=generator, dtype=x1.dtype).to(x1.device)
         u = self.time_sampler(batch, generator).to(x1.device, torch.float32)
-        ctx = Context(student, teacher, self.guidance, x1, z, y, step, self.jvp_method, self.nan_policy, generator)
+        ctx = Context(student, teacher, self.guidance, x1, z, y, step, self.jvp_method, self.nan_policy, generator,
+                      self.share_teacher_calls)
         total = x1.new_zeros(())
         stats = {}
         for term in self.terms:
