@@ -32,7 +32,8 @@ class Context:
       guidance: guidance(teacher, x, t, y) → velocity.
       x1: data batch; z: noise of the same shape; y: labels or None; step: training step.
       jvp_method: 'autograd' or 'fd'.
-      nan_policy: 'mask' (zero the loss of samples whose target is non-finite) or 'skip'.
+      nan_policy: 'mask' (zero the loss of samples whose target is non-finite; a batch whose targets
+        are all non-finite skips the step) or 'skip' (any non-finite target skips the step).
       generator: torch.Generator for any extra randomness.
     """
 
@@ -86,8 +87,8 @@ class Context:
         bad = ~torch.isfinite(target).flatten(1).all(1)
         n_bad = int(bad.sum())
         if n_bad:
-            if self.nan_policy == "skip":
-                raise NonFiniteTargetError(f"{n_bad} non-finite targets")
+            if self.nan_policy == "skip" or n_bad == len(bad):  # nothing left to learn from: skip the step
+                raise NonFiniteTargetError(f"{n_bad} of {len(bad)} targets non-finite")
             self.nan_masked += n_bad
             target = torch.where(bcast(bad, target).bool(), pred.detach(), torch.nan_to_num(target))
         return target
