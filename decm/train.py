@@ -144,6 +144,8 @@ def train(
       tracker: W&B tracker (rank 0 logs every stats record under `<stage>/`).
     """
     check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only)
+    check_numbers(steps=steps, batch_size=batch_size, ckpt_every_steps=ckpt_every_steps,
+                  log_every_steps=log_every_steps, lr=lr, keep_last=keep_last, ema_decay=ema_decay)
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {precision!r}")
     if build_only:
@@ -298,6 +300,21 @@ def train(
     return {"stage": stage, "run_dir": run_dir, "step": done, "steps": steps, "seconds": elapsed,
             "last_stats": last_stats, "totals": totals, "world_size": info.world_size, "rank": info.rank,
             "param_checksum": checksum}
+
+
+def check_numbers(**values) -> None:
+    """Type and range checks of the loop's numeric settings (one clear error before anything runs)."""
+    minimum = {"steps": 0, "batch_size": 1, "ckpt_every_steps": 1, "log_every_steps": 1, "keep_last": 0}
+    for name, value in values.items():
+        if name in minimum:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"train.{name} must be an integer, got {value!r}")
+            if value < minimum[name]:
+                raise ValueError(f"train.{name} must be ≥ {minimum[name]}, got {value}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"train.{name} must be a number, got {value!r}")
+    if values["lr"] <= 0 or not 0 <= values["ema_decay"] < 1:
+        raise ValueError(f"train.lr must be > 0 and train.ema_decay in [0, 1), got {values['lr']}, {values['ema_decay']}")
 
 
 def check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only) -> None:

@@ -93,6 +93,10 @@ def test_dry_run_trains_nothing(tmp_path, capsys):
     (["--gin", "gin/toy2d.gin", "--bind", "this is not gin"], "bad gin config"),
     (["--gin", "gin/toy2d.gin", "--bind", "losses.cm_loss.target = 'wrong'"], "cm_loss.target"),
     (["--gin", "gin/quickstart.gin", "--bind", "datasets.digits.image_size = 9"], "not divisible by patch_size"),
+    (["--gin", "gin/toy2d.gin", "--bind", "distill/train.steps = 'many'"], "train.steps must be an integer"),
+    (["--gin", "gin/toy2d.gin", "--bind", "distill/train.batch_size = 0"], "train.batch_size must be ≥ 1"),
+    (["--gin", "gin/decm_xl.gin", "--bind", "datasets.latents.path = '/nonexistent/in256'"], "set datasets.latents.path"),
+    (["--gin", "gin/toy2d.gin", "--backend", "slurm", "--bind", "cluster.nodes = 0"], "cluster.nodes must be ≥ 1"),
 ])
 def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, argv, needle):
     run_dir = tmp_path / "bad"

@@ -16,6 +16,7 @@ from conftest import assert_same_state
 from decm import checkpoint, launch
 from decm.cluster import ClusterSpec, submit
 from decm.job import RunSpec, parse, prepare, run
+from decm.tracking import read_stats
 
 pytestmark = pytest.mark.slurm
 
@@ -80,7 +81,7 @@ def test_slurm_two_task_ddp_job(tmp_path):
     assert state["step"] == 30
 
 
-def test_slurm_preemption_requeues_and_ends_identical_to_an_uninterrupted_run(tmp_path):
+def test_slurm_preemption_twice_requeues_and_ends_identical_to_an_uninterrupted_run(tmp_path):
     bindings = tuple(TOY + ["distill/train.steps = 800", "distill/train.ckpt_every_steps = 50"])
     ref = RunSpec(("gin/toy2d.gin",), bindings, str(tmp_path / "reference"))
     prepare(ref)
@@ -90,24 +91,27 @@ def test_slurm_preemption_requeues_and_ends_identical_to_an_uninterrupted_run(tm
     parse(spec.gin_files, spec.bindings)
     prepare(spec)
     job = submit(spec, SLURM)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        path, _ = checkpoint.latest_valid(os.path.join(spec.run_dir, "checkpoints"))
-        if path and int(os.path.basename(path)[5:13]) >= 100:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("no checkpoint at step ≥ 100 within 180 s:\n" + logs(spec.run_dir)[-3000:])
-    job._interrupt()  # scancel --signal SIGTERM, then --signal USR2: Slurm's preemption sequence
+    ckpt_dir = os.path.join(spec.run_dir, "checkpoints")
+    for threshold in (100, 400):  # two preemptions: early, and after the first resume
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            path, _ = checkpoint.latest_valid(ckpt_dir)
+            if path and int(os.path.basename(path)[5:13]) >= threshold:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"no checkpoint at step ≥ {threshold} within 240 s:\n" + logs(spec.run_dir)[-3000:])
+        job._interrupt()  # scancel --signal SIGTERM, then --signal USR2: Slurm's preemption sequence
     result = job.result()
     assert result["distill"]["step"] == 800
     text = logs(spec.run_dir)
-    assert "caught signal SIGUSR2" in text and "preempted at step" in text, text[-3000:]
-    assert "resuming distill from" in text, text[-3000:]
+    assert text.count("caught signal SIGUSR2") == 2 and text.count("preempted at step") == 2, text[-3000:]
+    assert text.count("resuming distill from") == 2, text[-3000:]
     a = checkpoint.latest_valid(os.path.join(ref.run_dir, "checkpoints"))[1]
-    b = checkpoint.latest_valid(os.path.join(spec.run_dir, "checkpoints"))[1]
+    b = checkpoint.latest_valid(ckpt_dir)[1]
     assert a["step"] == b["step"] == 800
     assert_same_state(a, b)  # model, EMA, optimizer moments, objective state, counters
+    assert read_stats(ref.run_dir) == read_stats(spec.run_dir)  # no duplicated or missing records
 
 
 def test_slurm_sweep_array_of_two_workers(tmp_path):
