@@ -357,9 +357,13 @@ def finalize(spec: SweepSpec) -> dict:
         if len(complete) < need or (name == "importances.png" and len(spec.space) < 2):
             continue
         try:
-            fn(study)
-            plt.gcf().set_size_inches(8, 4)
-            plt.tight_layout()
+            import warnings
+
+            with warnings.catch_warnings():  # Optuna's "experimental" notes and matplotlib layout notes
+                warnings.simplefilter("ignore")
+                fn(study)
+                plt.gcf().set_size_inches(8, 4)
+                plt.tight_layout()
             plt.savefig(os.path.join(spec.sweep_dir, name), dpi=100)
         except (ValueError, RuntimeError) as e:  # e.g. importances with constant values
             summary.setdefault("plot_errors", {})[name] = str(e).splitlines()[0]
