@@ -4,7 +4,8 @@
   requeue and later `python -m decm.evaluate`, with `resume="allow"`.
 - Mode: `wandb.mode` if set, else $WANDB_MODE, else 'online' when a key is configured ($WANDB_API_KEY
   or a netrc entry for api.wandb.ai), else 'offline'. Offline runs land in
-  `<run_dir>/wandb/offline-run-*-<id>/` and upload later with `wandb sync <that folder>`.
+  `<run_dir>/wandb/offline-run-<time>-<id>[-<n>]/` (one per attempt; wandb appends -<n> when two
+  attempts start within a second) and upload later with `wandb sync <those folders>`.
 - Config: the gin config as a flat dict (`'distill/train.lr': 0.0001`, ...), plus `config.gin` and
   `operative_config.gin` saved as files. Scalars: every stats.jsonl record, under `<stage>/...` with
   its own step axis `<stage>/step` (teacher and distillation steps both start at 0). Images: sample

@@ -4,6 +4,7 @@ files, deterministic distributed generation, the NFE-sweep CLI, offline W&B, the
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -195,7 +196,10 @@ def test_offline_wandb_run_layout_and_the_id_survives_resume(tmp_path):
     run_id = open(os.path.join(run_dir, "wandb_id")).read().strip()
     tiny_run(tmp_path, "wb", extra)  # resumes from step 6 to 12
     folders = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")))
-    assert len(folders) == 2 and all(f.endswith("-" + run_id) for f in folders)
+    # wandb names a folder offline-run-<YYYYmmdd_HHMMSS>-<id>, and appends -<n> when two
+    # attempts start within the same second; the id is what must survive the resume.
+    pattern = re.compile(r"offline-run-\d{8}_\d{6}-" + re.escape(run_id) + r"(-\d+)?$")
+    assert len(folders) == 2 and all(pattern.search(f) for f in folders), folders
     for f in folders:  # what `wandb sync <folder>` reads: the run's binary log, plus its files
         log = os.path.join(f, f"run-{run_id}.wandb")
         assert os.path.getsize(log) > 0
