@@ -9,5 +9,5 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(
 $PY -m pytest -q tests/test_models.py -k "jvp or bf16"           # JVP = finite differences (CPU reference)
 $PY bench/step_cost.py --device cuda --bf16 --preset B/2 --image-size 32 --batch 64 --repeats 10
 $PY bench/step_cost.py --device cuda --bf16 --preset XL/2 --image-size 32 --batch 32 --repeats 5 \
-    --variants fm cm decm
+    --variants fm cm cm_dual decm decm_dual
 $PY bench/sampling.py --device cuda --preset XL/2 --image-size 32 --batch 256 --repeats 5

@@ -104,6 +104,7 @@ def train(
     snapshot_every_steps: int = 0,       # distill: fixed-noise EMA samples + stats every k steps (0: off)
     part_grad_every_steps: int = 0,      # distill: log CM sup/self-supervised gradient norms every k steps (0: off)
     build_only: bool = False,            # dry run: build every object (model on the meta device), train nothing
+    compile_backend: str = "off",        # torch.compile the with-grad student: 'off', 'inductor' (GPU), 'aot_eager' (checks)
     tracker=None,                        # decm.wandb_log.Tracker of the launch (set by experiment; None: no W&B)
 ):
     """Runs one training stage in `run_dir` and returns a summary dict.
@@ -141,6 +142,9 @@ def train(
       snapshot_every_steps: evaluation hook period (decm.snapshots; distill only; 0: off).
       part_grad_every_steps: period of decm.method.diagnostics.part_grad_norms (extra backward passes).
       build_only: build on the meta device and return a summary.
+      compile_backend: 'off', or a torch.compile backend applied to the (DDP-wrapped) student for the
+        with-grad forwards; JVPs still run on the plain module (decm.method.jvp.unwrap), checkpoints
+        hold the plain module's keys.
       tracker: W&B tracker (rank 0 logs every stats record under `<stage>/`).
     """
     check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only)
@@ -148,6 +152,9 @@ def train(
                   log_every_steps=log_every_steps, lr=lr, keep_last=keep_last, ema_decay=ema_decay)
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {precision!r}")
+    if compile_backend != "off" and compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise ValueError(f"train.compile_backend must be 'off' or one of "
+                         f"{torch.compiler.list_backends(exclude_tags=())}, got {compile_backend!r}")
     if build_only:
         summary = build_summary(stage, dataset, backbone, objective, teacher_source)
         summary["missing_inputs"] = missing_inputs(dataset, teacher_source, teacher_checkpoint)
@@ -196,6 +203,8 @@ def train(
     if info.distributed:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_backend != "off":
+        wrapped = torch.compile(wrapped, backend=compile_backend)
     stats_writer = StatsWriter(run_dir, resume_step=start) if info.main else None
 
     def save(step):
@@ -229,9 +238,15 @@ def train(
         else:
             x1, y = dataset.batch(batch_size, g)
         x1, y = x1.to(device), (y.to(device) if y is not None else None)
+        per_term = getattr(objective, "backward_per_term", False)  # backward inside, one term at a time
+        opt.zero_grad(set_to_none=True)
         try:
             with autocast:
-                loss, stats, ctx = objective(wrapped, teacher, x1, y, step, g)
+                if per_term:
+                    loss, stats, ctx = objective(wrapped, teacher, x1, y, step, g, backward=True,
+                                                 agree=lambda bad: distributed.any_true(bad, info))
+                else:
+                    loss, stats, ctx = objective(wrapped, teacher, x1, y, step, g)
                 if part_grad_every_steps and stage == "distill" and (step + 1) % part_grad_every_steps == 0:
                     from decm.method.diagnostics import part_grad_norms
 
@@ -241,8 +256,8 @@ def train(
             loss, stats, ok = None, {}, False
         ok = not distributed.any_true(not ok, info)  # all ranks skip together (DDP needs every backward)
         if ok:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if not per_term:
+                loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
             ok = bool(torch.isfinite(grad_norm))
             stats["grad_norm"] = float(grad_norm)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 
+import pytest
 import torch
 
 from decm.method.guidance import CFG
@@ -50,6 +51,55 @@ def test_shared_teacher_call_gives_identical_losses_and_gradients():
     assert out[0][2] < out[1][2]  # sharing saves teacher forwards (L_cm and L_fm at the same x_t)
 
 
+def test_per_term_backward_gives_the_same_losses_and_gradients_with_less_live_memory():
+    """backward_per_term (the default in training) vs one backward of the summed loss, at an N2N step."""
+    teacher, student = tiny_pair()
+    x1, y = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+    saved = load("step_cost").SavedBytes
+    out = []
+    for per_term in (False, True):
+        obj = decm_objective(guidance=CFG(scale=1.5))
+        student.zero_grad()
+        with saved() as sb:
+            loss, stats, _ = obj(student, teacher, x1, y, 0, step_generator(0, 0, 0), backward=per_term)
+            if not per_term:
+                loss.backward()
+        out.append((stats, [p.grad.clone() for p in student.parameters() if p.requires_grad], sb.peak))
+    (s_one, g_one, m_one), (s_per, g_per, m_per) = out
+    assert {"loss/cm", "loss/fm", "loss/n2n"} <= set(s_one)
+    assert all(s_one[k] == s_per[k] for k in s_one if k.startswith("loss/"))
+    for a, b in zip(g_one, g_per):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert sum(float(g.norm()) for g in g_one) > 0
+    assert m_per < 0.6 * m_one, (m_per, m_one)  # three terms' activations alive at once vs one
+
+
+@pytest.mark.parametrize("method", ["forward_ad", "forward_ad_grad"])
+def test_jvp_variants_give_the_same_losses_and_gradients(method):
+    """Dual-number JVPs (no-grad, or the with-grad dual forward that doubles as the prediction) vs the
+    default no-grad torch.func.jvp + separate forward, all three terms active, CFG teacher."""
+    teacher, student = tiny_pair()
+    x1, y = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+    out = []
+    for jvp_method in ("autograd", method):
+        obj = decm_objective(guidance=CFG(scale=1.5))
+        obj.jvp_method = jvp_method
+        calls = []
+        hook = student.register_forward_hook(lambda *a: calls.append(1))
+        student.zero_grad()
+        _, stats, _ = obj(student, teacher, x1, y, 0, step_generator(0, 0, 0), backward=True)
+        hook.remove()
+        out.append((stats, [p.grad.clone() for p in student.parameters() if p.requires_grad], len(calls)))
+    (s_ref, g_ref, n_ref), (s_new, g_new, n_new) = out
+    for k in ("loss/cm", "loss/fm", "loss/n2n", "loss/total"):
+        assert s_new[k] == pytest.approx(s_ref[k], rel=1e-5, abs=1e-7), k
+    for a, b in zip(g_ref, g_new):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # student forwards: the default runs a JVP and a separate forward per JVP term (cm, n2n);
+    # forward_ad_grad's dual forward is the prediction, so two forwards fewer.
+    assert n_new == (n_ref - 2 if method == "forward_ad_grad" else n_ref), (n_ref, n_new)
+
+
 def test_batched_cfg_equals_separate_conditional_and_unconditional_calls():
     teacher, _ = tiny_pair()
     x, t, y = torch.randn(5, 2, 8, 8), torch.rand(5), torch.tensor([0, 1, 2, 0, 1])
@@ -64,10 +114,50 @@ def test_step_cost_and_sampling_benchmarks_write_results(tmp_path):
     assert load("step_cost").main(["--preset", "tiny", "--batch", "4", "--image-size", "8", "--repeats", "1",
                                    "--warmup", "0", "--out", str(out)]) == 0
     r = json.loads(out.read_text())["results"]
-    assert set(r) == {"fm", "cm", "cm_fd", "fm_term", "n2n", "decm", "scm", "meanflow"}
+    assert set(r) == {"fm", "cm", "cm_fwad", "cm_dual", "cm_fd", "fm_term", "n2n", "decm", "decm_dual", "scm",
+                      "meanflow"}
     assert r["fm"]["time_ratio"] == 1.0 and all(v["seconds"] > 0 and v["memory_bytes"] > 0 for v in r.values())
+    parts = json.loads(out.read_text())["parts_seconds"]
+    assert set(parts) == {"T", "J", "W", "O", "J_pytorch"} and all(v > 0 for v in parts.values())
+    assert r["decm"]["floor_seconds"] == pytest.approx(
+        (1 + 2 / 3) * parts["T"] + (1 + 1 / 3) * parts["J"] + (2 + 1 / 3) * parts["W"] + parts["O"])
     out2 = tmp_path / "sampling.json"
     assert load("sampling").main(["--preset", "tiny", "--batch", "8", "--image-size", "8", "--repeats", "1",
                                   "--teacher-nfe", "4", "--out", str(out2)]) == 0
     s = json.loads(out2.read_text())["results"]
     assert s["student_nfe1"]["speedup_vs_teacher"] > 1.0
+
+
+def test_compiled_student_trains_to_the_same_losses(tmp_path):
+    """train.compile_backend wraps the with-grad student in torch.compile ('aot_eager' here: no C
+    compiler needed); the JVP keeps the plain module, checkpoints keep the plain keys."""
+    from decm import checkpoint
+    from decm.data.builtin import GaussianMixture2D
+    from decm.models.mlp import mlp
+    from decm.tracking import read_stats
+    from decm.train import train
+
+    runs = {}
+    for backend in ("off", "aot_eager"):
+        run_dir = tmp_path / backend
+        train(str(run_dir), stage="distill", dataset=GaussianMixture2D(), backbone=lambda **k: mlp(width=16, depth=1, **k),
+              objective=decm_objective(), teacher_source="analytic", steps=6, batch_size=16, ckpt_every_steps=6,
+              log_every_steps=1, progress=False, compile_backend=backend)
+        runs[backend] = (read_stats(str(run_dir)), checkpoint.latest_valid(str(run_dir / "checkpoints"))[1])
+    (s_off, c_off), (s_on, c_on) = runs["off"], runs["aot_eager"]
+    for a, b in zip(s_off, s_on):
+        for k in ("loss/cm", "loss/fm", "loss/total"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    assert set(c_on["model"]) == set(c_off["model"])  # no "_orig_mod." prefix
+    for k in c_off["model"]:
+        torch.testing.assert_close(c_on["model"][k], c_off["model"][k], rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_compile_backend_is_a_clear_error(tmp_path):
+    from decm.data.builtin import GaussianMixture2D
+    from decm.models.mlp import mlp
+    from decm.train import train
+
+    with pytest.raises(ValueError, match="compile_backend"):
+        train(str(tmp_path / "x"), stage="distill", dataset=GaussianMixture2D(), backbone=lambda **k: mlp(**k),
+              objective=decm_objective(), steps=2, batch_size=4, compile_backend="no_such_backend", progress=False)

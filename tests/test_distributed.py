@@ -42,6 +42,12 @@ def grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
+def agree_across_ranks(bad):
+    flag = torch.tensor([float(bad)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
 def worker(rank, world, store, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -54,7 +60,16 @@ def worker(rank, world, store, out):
     student.zero_grad()
     loss, _, _ = objective(ddp.module, teacher, x1, y, STEP, step_generator(0, rank, STEP))  # the pitfall
     loss.backward()
-    torch.save({"ddp": good, "unwrapped": grads(student).clone()}, os.path.join(out, f"rank{rank}.pt"))
+    unwrapped = grads(student).clone()
+    student.zero_grad()  # per-term backward through DDP: the first terms under no_sync, one all-reduce at the end
+    objective(ddp, teacher, x1, y, STEP, step_generator(0, rank, STEP), backward=True,
+              agree=agree_across_ranks)
+    per_term = grads(student).clone()
+    student.zero_grad()  # the with-grad dual forward (JVP primal = prediction) through the DDP wrapper
+    objective.jvp_method = "forward_ad_grad"
+    objective(ddp, teacher, x1, y, STEP, step_generator(0, rank, STEP), backward=True, agree=agree_across_ranks)
+    torch.save({"ddp": good, "unwrapped": unwrapped, "per_term": per_term, "dual_grad": grads(student).clone()},
+               os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -62,6 +77,10 @@ def test_ddp_gradients_match_single_process_on_the_concatenated_batch(tmp_path):
     mp.start_processes(worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["ddp"], r1["ddp"])
+    assert torch.equal(r0["per_term"], r1["per_term"])
+    torch.testing.assert_close(r0["per_term"], r0["ddp"], rtol=1e-5, atol=1e-7)
+    assert torch.equal(r0["dual_grad"], r1["dual_grad"])
+    torch.testing.assert_close(r0["dual_grad"], r0["ddp"], rtol=1e-4, atol=1e-6)
 
     teacher, student, objective = build()
     total = 0

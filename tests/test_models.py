@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from decm.method.jvp import flow_map_jvp
 from decm.models.mlp import mlp
@@ -25,8 +26,9 @@ BACKBONES = {
 }
 
 
+@pytest.mark.parametrize("method", ["autograd", "forward_ad"])
 @pytest.mark.parametrize("name", list(BACKBONES))
-def test_jvp_matches_finite_differences(name):
+def test_jvp_matches_finite_differences(name, method):
     model = randomize(BACKBONES[name]().double())
     g = torch.Generator().manual_seed(1)
     n = 3
@@ -35,11 +37,47 @@ def test_jvp_matches_finite_differences(name):
     t, s = torch.rand(n, generator=g, dtype=torch.float64) * 0.5, 0.5 + torch.rand(n, generator=g, dtype=torch.float64) * 0.5
     y = torch.tensor([0, 1, model.num_classes])  # includes the null class
     dx, dt, ds = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.ones(n, dtype=torch.float64), -0.5 * torch.ones(n, dtype=torch.float64)
-    out_a, jvp_a = flow_map_jvp(model, x, t, s, y, dx, dt, ds, method="autograd")
+    out_a, jvp_a = flow_map_jvp(model, x, t, s, y, dx, dt, ds, method=method)
     out_f, jvp_f = flow_map_jvp(model, x, t, s, y, dx, dt, ds, method="fd", fd_eps=1e-6)
     assert torch.allclose(out_a, out_f)
     assert jvp_a.abs().max() > 1e-3
     assert torch.allclose(jvp_a, jvp_f, rtol=1e-6, atol=1e-7), (jvp_a - jvp_f).abs().max()
+
+
+def jvp_inputs(name, model, n=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(2)
+    shape = (2,) if name == "mlp" else (1, 8, 8) if name == "sit-tiny" else (2, 4, 4)
+    x = torch.randn((n, *shape), generator=g, dtype=dtype)
+    t, s = torch.rand(n, generator=g, dtype=dtype) * 0.5, 0.5 + torch.rand(n, generator=g, dtype=dtype) * 0.5
+    y = torch.tensor([0, 1, model.num_classes])[:n]
+    return x, t, s, y, torch.randn(x.shape, generator=g, dtype=dtype), torch.ones(n, dtype=dtype), -0.5 * torch.ones(n, dtype=dtype)
+
+
+@pytest.mark.parametrize("method", ["autograd", "forward_ad"])
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_lean_tangent_rules_are_bit_identical_to_pytorchs_own(name, method):
+    """The lean linear/GELU rules drop only zero terms: the tangent must not change by one bit (fp32)."""
+    model = randomize(BACKBONES[name]())
+    args = jvp_inputs(name, model)
+    out_lean, jvp_lean = flow_map_jvp(model, *args[:4], *args[4:], method=method, lean=True)
+    out_ref, jvp_ref = flow_map_jvp(model, *args[:4], *args[4:], method=method, lean=False)
+    assert jvp_ref.abs().max() > 1e-3
+    assert torch.equal(jvp_lean, jvp_ref)
+    torch.testing.assert_close(out_lean, out_ref, rtol=1e-6, atol=1e-6)  # primal: same math, may differ by 1 ulp
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        torch.testing.assert_close(out_lean, model(*args[:4]), rtol=1e-6, atol=1e-6)
+
+
+def test_lean_tangents_do_two_matmuls_per_linear_instead_of_three():
+    model = randomize(BACKBONES["mlp"]())
+    args = jvp_inputs("mlp", model)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    counts = {}
+    for lean in (True, False):
+        with torch.profiler.profile() as prof:
+            flow_map_jvp(model, *args[:4], *args[4:], lean=lean)
+        counts[lean] = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    assert counts[True] == 2 * n_linear and counts[False] >= 3 * n_linear, counts
 
 
 def test_fused_attention_is_used_outside_the_jvp():
@@ -118,3 +156,32 @@ def test_bf16_autocast_keeps_the_jvp_and_time_embeddings_in_fp32():
     assert plain.dtype == torch.bfloat16  # the with-grad forward does run in bf16
     torch.testing.assert_close(tan, ref_tan, rtol=0, atol=1e-2 * float(ref_tan.abs().max()))  # only dx was rounded
     torch.testing.assert_close(out, ref_out)
+
+
+@pytest.mark.parametrize("name", ["sit-tiny", "lightning-style"])
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients_with_less_saved_memory(name):
+    """backbones.sit.grad_checkpointing recomputes blocks in the backward: identical numbers, less memory."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_cost", "bench/step_cost.py")
+    step_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_cost)
+    model = randomize(BACKBONES[name]())
+    x, t, s, y = jvp_inputs(name, model)[:4]
+    results = []
+    for flag in (False, True):
+        model.grad_checkpointing = flag
+        model.zero_grad()
+        with step_cost.SavedBytes() as sb:
+            out = model(x, t, s, y)
+            out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], sb.peak))
+        if flag:  # the JVP path (no grad) is unaffected
+            _, tangent = flow_map_jvp(model, x, t, s, y, *jvp_inputs(name, model)[4:])
+            model.grad_checkpointing = False
+            _, reference = flow_map_jvp(model, x, t, s, y, *jvp_inputs(name, model)[4:])
+            assert torch.equal(tangent, reference)
+    (o0, g0, m0), (o1, g1, m1) = results
+    assert torch.equal(o0, o1)
+    assert len(g0) == len(g1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert m1 < 0.8 * m0, (m1, m0)

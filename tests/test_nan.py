@@ -37,3 +37,24 @@ def test_mask_counts_and_keeps_loss_and_gradients_finite():
 def test_skip_policy_raises_for_the_step():
     with pytest.raises(NonFiniteTargetError):
         run("skip")
+
+
+def test_per_term_backward_agrees_on_a_bad_term_before_its_backward():
+    """With per-term backward, a non-finite term raises before its own backward on every rank (`agree`
+    sees the verdict), and the terms before it have already put finite gradients in .grad."""
+    torch.manual_seed(0)
+    student = mlp(width=16, depth=1)
+    teacher = NaNTeacher(mean=0.5, std=1.0)
+    obj = decm_objective(nan_policy="skip")
+    x1 = teacher.sample(64, torch.Generator().manual_seed(1))
+    verdicts = []
+    with pytest.raises(NonFiniteTargetError, match="step skipped"):
+        obj(student, teacher, x1, None, 0, torch.Generator().manual_seed(2), backward=True,
+            agree=lambda bad: verdicts.append(bad) or bad)
+    assert verdicts and verdicts[-1] is True and not any(verdicts[:-1])
+    clean = GaussianTeacher(mean=0.5, std=1.0)
+    student.zero_grad()
+    loss, stats, _ = obj(student, clean, x1, None, 0, torch.Generator().manual_seed(2), backward=True,
+                         agree=lambda bad: verdicts.append(bad) or bad)
+    assert not loss.requires_grad and torch.isfinite(loss) and stats["loss/n2n"] > 0
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)

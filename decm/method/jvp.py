@@ -2,17 +2,34 @@
 
 Autograd path: `torch.func.jvp` under no-grad on the *unwrapped* module, with SDPA restricted to the
 MATH backend (fused kernels have no forward-mode AD). The loss then runs one separate with-grad
-forward (through the DDP wrapper when distributed). Finite-difference path: a float64 central
-difference, the fallback used by FastGen / rCM for kernels without forward AD.
+forward (through the DDP wrapper when distributed). 'forward_ad' is the same JVP with
+`torch.autograd.forward_ad` dual numbers. 'forward_ad_grad' runs that dual forward *with* grad through
+the (possibly DDP-wrapped) student, so its primal output is the loss's prediction and the separate
+forward is saved — at the price of MATH attention (not fused) in that with-grad forward, and fp32 for
+it in bf16 runs. Finite-difference path: a float64 central difference, the
+fallback used by FastGen / rCM for kernels without forward AD.
+
+Lean tangents (`lean=True`, the default of both AD paths): PyTorch's forward-AD rule for `linear`
+(addmm) materialises zero tangents for the weight and bias and multiplies by them, so every linear
+layer costs three matmuls instead of two; its GELU rule evaluates the GELU twice. Inside the JVP a
+torch-function mode routes `F.linear` and `F.gelu` through autograd Functions whose tangent rule is
+the same formula without the zero terms (x_t·Wᵀ; gelu_backward(x_t, x)). Parameters are never
+dual here, so the tangent is bit-identical (tested) and a third of the JVP's matmul work goes away.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+JVP_METHODS = ("autograd", "forward_ad", "forward_ad_grad", "fd")
 
 
 def unwrap(module):
@@ -26,11 +43,111 @@ def unwrap(module):
             return module
 
 
-def jvp_autograd(fn: Callable, primals: tuple, tangents: tuple):
-    """(fn(*primals), d/dε fn(primals + ε·tangents)) by forward-mode AD, no graph kept."""
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+def _rows(a: torch.Tensor) -> torch.Tensor:
+    return a.reshape(-1, a.shape[-1])
+
+
+class _LeanLinear(torch.autograd.Function):
+    """F.linear whose forward-AD rule is x_t·Wᵀ (+ x·W_tᵀ + b_t only when those tangents exist).
+
+    The backward (needed by the with-grad dual forward, 'forward_ad_grad') is the usual
+    (g·W, gᵀx, Σg). fp32 only: the JVP paths always run outside autocast.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.set_materialize_grads(False)  # absent tangents stay None instead of zero tensors
+        ctx.save_for_forward(x, weight)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t):
+        x, weight = ctx.saved_tensors
+        parts = [F.linear(x_t, weight)] if x_t is not None else []
+        if weight_t is not None:
+            parts.append(F.linear(x, weight_t))
+        if bias_t is not None:
+            parts.append(bias_t)
+        return sum(parts[1:], parts[0]) if parts else None
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = grad.matmul(weight) if need_x else None
+        grad_w = _rows(grad).t().mm(_rows(x)) if need_w else None
+        grad_b = _rows(grad).sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+class _LeanGelu(torch.autograd.Function):
+    """F.gelu whose forward-AD rule is gelu_backward(x_t, x) without re-evaluating the GELU."""
+
+    @staticmethod
+    def forward(x, approximate):
+        return F.gelu(x, approximate=approximate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, approximate = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_forward(x)
+        ctx.save_for_backward(x)
+        ctx.approximate = approximate
+
+    @staticmethod
+    def jvp(ctx, x_t, _):
+        (x,) = ctx.saved_tensors
+        return None if x_t is None else torch.ops.aten.gelu_backward(x_t, x, approximate=ctx.approximate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return (None if grad is None else torch.ops.aten.gelu_backward(grad, x, approximate=ctx.approximate)), None
+
+
+class LeanTangents(TorchFunctionMode):
+    """Routes F.linear / F.gelu through the lean forward-AD rules above (fp32, outside autocast)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:  # linear(input, weight, bias=None)
+            bound = dict(zip(("input", "weight", "bias"), args), **kwargs)
+            return _LeanLinear.apply(bound["input"], bound["weight"], bound.get("bias"))
+        if func is F.gelu:  # gelu(input, approximate='none')
+            bound = dict(zip(("input", "approximate"), args), **kwargs)
+            return _LeanGelu.apply(bound["input"], bound.get("approximate", "none"))
+        return func(*args, **kwargs)
+
+
+def jvp_autograd(fn: Callable, primals: tuple, tangents: tuple, lean: bool = True):
+    """(fn(*primals), d/dε fn(primals + ε·tangents)) by forward-mode AD (torch.func.jvp), no graph kept."""
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), (LeanTangents() if lean else contextlib.nullcontext()):
         out, tangent_out = torch.func.jvp(fn, primals, tangents)
     return out, tangent_out
+
+
+def jvp_forward_ad(fn: Callable, primals: tuple, tangents: tuple, lean: bool = True, grad: bool = False):
+    """The same JVP with `torch.autograd.forward_ad` dual numbers (no functorch transform).
+
+    With `grad=False` no graph is kept. With `grad=True` the primal output keeps its autograd graph
+    (one with-grad forward gives both the prediction and the JVP; 'forward_ad_grad'); the tangent is
+    returned detached either way.
+    """
+    with torch.set_grad_enabled(grad), sdpa_kernel([SDPBackend.MATH]), forward_ad.dual_level(), \
+            (LeanTangents() if lean else contextlib.nullcontext()):
+        out = fn(*(forward_ad.make_dual(p, d) for p, d in zip(primals, tangents)))
+        primal, tangent = forward_ad.unpack_dual(out)
+    tangent = tangent.detach() if tangent is not None else torch.zeros_like(primal.detach())
+    return primal, tangent
 
 
 def jvp_finite_difference(fn: Callable, primals: tuple, tangents: tuple, eps: float = 1e-4,
@@ -55,21 +172,26 @@ def jvp_finite_difference(fn: Callable, primals: tuple, tangents: tuple, eps: fl
     return out, tangent_out.to(out.dtype)
 
 
-def flow_map_jvp(model, x, t, s, y, dx, dt, ds, method: str = "autograd", fd_eps: float = 1e-4):
+def flow_map_jvp(model, x, t, s, y, dx, dt, ds, method: str = "autograd", fd_eps: float = 1e-4,
+                 lean: bool = True):
     """JVP of F(x, t, s, y) along (dx, dt, ds); returns (F, dF). `model` must be unwrapped.
 
     Args:
       model: the unwrapped student (callable as model(x, t, s, y)).
       x, t, s, y: primal point and labels (labels are not differentiated).
       dx, dt, ds: tangent directions for x, t and s.
-      method: 'autograd' (torch.func.jvp) or 'fd' (float64 central difference).
+      method: 'autograd' (torch.func.jvp), 'forward_ad' (dual numbers) or 'fd' (float64 central
+        difference); all without a graph ('forward_ad_grad' is handled by the objective's Context).
       fd_eps: finite-difference step.
+      lean: lean linear/GELU tangent rules in the AD paths (bit-identical; False = PyTorch's own rules).
     """
     if method == "autograd":
-        return jvp_autograd(lambda a, b, c: model(a, b, c, y), (x, t, s), (dx, dt, ds))
+        return jvp_autograd(lambda a, b, c: model(a, b, c, y), (x, t, s), (dx, dt, ds), lean=lean)
+    if method == "forward_ad":
+        return jvp_forward_ad(lambda a, b, c: model(a, b, c, y), (x, t, s), (dx, dt, ds), lean=lean)
     if method == "fd":
         if isinstance(model, torch.nn.Module):
             return jvp_finite_difference(lambda m, a, b, c: m(a, b, c, y), (x, t, s), (dx, dt, ds),
                                          eps=fd_eps, module=model)
         return jvp_finite_difference(lambda a, b, c: model(a, b, c, y), (x, t, s), (dx, dt, ds), eps=fd_eps)
-    raise ValueError(f"unknown JVP method {method!r}; expected 'autograd' or 'fd'")
+    raise ValueError(f"unknown JVP method {method!r}; expected one of {JVP_METHODS}")

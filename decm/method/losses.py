@@ -30,7 +30,7 @@ class LossTerm(nn.Module):
 
     def forward(self, ctx, t, s):
         x, tgt = self.target(ctx, t, s)
-        pred = ctx.student(x, t, s, ctx.y)
+        pred = ctx.predict(x, t, s)
         tgt = ctx.sanitize(tgt, pred)
         return self.reduce(per_sample_mse(pred, tgt), t)
 
@@ -130,7 +130,7 @@ class CMLoss(LossTerm):
         Returns (sup, self), each per-sample (B,), both with graph through one student forward.
         """
         x, v, f_minus, df_dt = self.jvp_terms(ctx, t, s)
-        pred = ctx.student(x, t, s, ctx.y)
+        pred = ctx.predict(x, t, s)
         v_tilde = f_minus + bcast(1 - t, x) * df_dt
         return per_sample_mse(pred, v), per_sample_mse(pred, v_tilde)
 
@@ -171,7 +171,7 @@ class FMLoss(LossTerm):
 
     def forward(self, ctx, t, s):
         x, tgt = self.target(ctx, t, s)
-        pred = ctx.student(x, t, s, ctx.y)
+        pred = ctx.predict(x, t, s)
         tgt = ctx.sanitize(tgt, pred)
         err = per_sample_mse(pred, tgt)
         if self.cosine_weight:
