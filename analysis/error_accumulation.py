@@ -133,6 +133,8 @@ def write_outputs(results: dict, out: str, nfes) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from decm.plots import line_panels
+
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -180,17 +182,10 @@ def write_outputs(results: dict, out: str, nfes) -> str:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "hop_errors.png"), dpi=100)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, res in results.items():
-        for sampler, by_nfe in res["final"].items():
-            ax.plot(nfes, [by_nfe[str(k)] for k in nfes], marker="o", label=f"{label} · {sampler}")
-    ax.set_xscale("log")
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("SW2 to the data")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "final_vs_nfe.png"), dpi=100)
-    plt.close(fig)
+    lines = [(f"{label} · {sampler}", [(k, by_nfe[str(k)]) for k in nfes])
+             for label, res in results.items() for sampler, by_nfe in res["final"].items()]
+    line_panels({"": lines}, os.path.join(out, "final_vs_nfe.png"), xlabel="NFE", ylabel="SW2 to the data",
+                xlog=True, marker="o", panel_size=(5.5, 3.6))
     return "\n".join(md)
 
 

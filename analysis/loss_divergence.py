@@ -105,6 +105,8 @@ def plots(named_stats: dict, summaries: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from decm.plots import line_panels
+
     with_parts = [n for n, st in named_stats.items() if any("grad/cm_sup" in r for r in st)]
     if with_parts:
         fig, axes = plt.subplots(1, len(with_parts), figsize=(3.6 * len(with_parts), 3.0), squeeze=False, sharey=True)
@@ -121,17 +123,9 @@ def plots(named_stats: dict, summaries: dict, out: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, "grad_parts.png"), dpi=100)
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, st in named_stats.items():
-        pts = [(r["step"], r["loss/total"]) for r in st if "loss/total" in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.7, label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("total loss")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "losses.png"), dpi=100)
-    plt.close(fig)
+    lines = [(name, [(r["step"], r["loss/total"]) for r in st if "loss/total" in r]) for name, st in named_stats.items()]
+    line_panels({"": lines}, os.path.join(out, "losses.png"), xlabel="step", ylabel="total loss", ylog=True, lw=0.7,
+                panel_size=(6, 3.6))
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = list(summaries)
     ax.bar(range(len(names)), [summaries[n]["divergence_rate"] for n in names])

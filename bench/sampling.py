@@ -14,27 +14,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def timed(fn, device, repeats, warmup=1):
-    out = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+from bench.timing import median_seconds  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -66,9 +51,9 @@ def main(argv=None) -> int:
     results = {}
     with torch.no_grad():
         for nfe in (1, 2, 4):
-            sec = timed(lambda: Chain()(student, z, y, nfe=nfe), device, args.repeats)
+            sec = median_seconds(lambda: Chain()(student, z, y, nfe=nfe), device, args.repeats)
             results[f"student_nfe{nfe}"] = {"seconds": sec, "samples_per_s": args.batch / sec}
-        sec = timed(lambda: TeacherEuler(guidance=guidance)(teacher, z, y, nfe=args.teacher_nfe), device,
+        sec = median_seconds(lambda: TeacherEuler(guidance=guidance)(teacher, z, y, nfe=args.teacher_nfe), device,
                     max(1, args.repeats // 2))
         results[f"teacher_nfe{args.teacher_nfe}"] = {"seconds": sec, "samples_per_s": args.batch / sec}
     teacher_rate = results[f"teacher_nfe{args.teacher_nfe}"]["samples_per_s"]

@@ -43,6 +43,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.timing import seconds  # noqa: E402
 
 VARIANTS = ["fm", "cm", "cm_fwad", "cm_dual", "cm_fd", "fm_term", "n2n", "decm", "decm_dual", "scm", "meanflow"]
 
@@ -178,21 +179,12 @@ def part_functions(student, teacher, guidance, batches, device, bf16):
         out.float().square().mean().backward()
 
     fwd_bwd()  # gradients for the optimizer step
+
     def jvp(lean):
         return lambda: flow_map_jvp(student, x, t, s, y, v, torch.ones_like(t), torch.zeros_like(s), lean=lean)
 
     # J_pytorch: the same JVP with PyTorch's own linear/GELU forward-AD rules (what `lean` saves)
     return {"T": teacher_call, "J": jvp(True), "W": fwd_bwd, "O": opt.step, "J_pytorch": jvp(False)}
-
-
-def timed_once(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
@@ -250,7 +242,7 @@ def main(argv=None) -> int:
             if i >= args.warmup:
                 samples[name].append((sec, mem))
         for k, fn in part_fns.items():
-            sec = timed_once(fn, device)
+            sec = seconds(fn, device)
             if i >= args.warmup:
                 part_samples[k].append(sec)
         print(f"  round {i + 1}/{args.warmup + args.repeats}", file=sys.stderr, flush=True)

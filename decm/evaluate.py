@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     import gin
 
     from decm import checkpoint, distributed, registry
-    from decm.job import ConfigError, one_line, parse
+    from decm.job import USER_ERRORS, ConfigError, cli_error, parse
 
     try:
         config_path = os.path.join(args.run_dir, "config.gin")
@@ -80,12 +80,8 @@ def main(argv=None) -> int:
 
         with gin.config_scope("distill"):
             results = evaluate(args.run_dir, teacher_checkpoint=teacher, out_dir=out_dir, **kwargs)
-    except ConfigError as e:
-        print(f"decm.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"decm.evaluate: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return cli_error("decm.evaluate", e)
     if not results:  # ranks > 0
         distributed.shutdown()
         return 0

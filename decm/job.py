@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 
 import gin
 
@@ -39,6 +40,15 @@ class RunSpec:
 def one_line(e: BaseException) -> str:
     msg = " ".join(str(e).split())
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError)  # what a CLI reports in one line
+
+
+def cli_error(prog: str, e: BaseException) -> int:
+    """Prints `<prog>: error: <one line>` to stderr and returns the exit code 2 (ConfigError: its text)."""
+    print(f"{prog}: error: {e if isinstance(e, ConfigError) else one_line(e)}", file=sys.stderr)
+    return 2
 
 
 def parse(gin_files, bindings) -> str:

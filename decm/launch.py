@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from decm import registry
     from decm.cluster import cluster, folder_for, sbatch_script, submit, with_backend
     from decm.distributed import env_ranks
-    from decm.job import ConfigError, RunSpec, build, one_line, parse, prepare, run, wait_for_snapshot
+    from decm.job import USER_ERRORS, RunSpec, build, cli_error, parse, prepare, run, wait_for_snapshot
 
     if args.list:
         print(registry.listing())
@@ -83,12 +83,8 @@ def main(argv=None) -> int:
             if not args.wait:
                 return 0
             summary = job.result()
-    except ConfigError as e:
-        print(f"decm.launch: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"decm.launch: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return cli_error("decm.launch", e)
     if rank == 0:
         print_summary(run_dir, summary)
     return 0

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 
+from decm.plots import line_panels
 from decm.tracking import read_stats
 
 
@@ -87,55 +88,21 @@ def loss_keys(runs) -> list[str]:
 
 
 def plot_losses(runs, path: str) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = loss_keys(runs)
-    if not keys:
-        return False
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for r in runs:
-            pts = [(rec["step"], rec[key]) for rec in r["stats"] if key in rec]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r["name"], lw=1)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    """Every loss/* key of the runs' stats vs step (log y), one panel per key."""
+    panels = {key: [(r["name"], [(rec["step"], rec[key]) for rec in r["stats"] if key in rec]) for r in runs]
+              for key in loss_keys(runs)}
+    return line_panels(panels, path, xlabel="step", ylog=True, panel_size=(3.6, 3.0), title_fontsize=9)
 
 
 def plot_nfe(runs, path: str) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = metric_names(runs)
-    if not metrics:
-        return False
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for r in runs:
-            for key in dict.fromkeys((row["model"], row["sampler"]) for row in r["rows"]):
-                pts = sorted((row["nfe"], row[metric]) for row in r["rows"]
-                             if (row["model"], row["sampler"]) == key and metric in row)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{r['name']} · {key[0]} · {key[1]}")
-        ax.set_xscale("log")
-        ax.set_xlabel("NFE")
-        ax.set_title(metric)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    """Metric vs NFE (log x), one line per run × model × sampler, one panel per metric."""
+    panels = {}
+    for metric in metric_names(runs):
+        panels[metric] = [
+            (f"{r['name']} · {key[0]} · {key[1]}",
+             sorted((row["nfe"], row[metric]) for row in r["rows"] if (row["model"], row["sampler"]) == key and metric in row))
+            for r in runs for key in dict.fromkeys((row["model"], row["sampler"]) for row in r["rows"])]
+    return line_panels(panels, path, xlabel="NFE", xlog=True, marker="o")
 
 
 def table_markdown(runs) -> str:

@@ -59,3 +59,11 @@ def assert_same_state(a, b, path="state"):
             assert_same_state(x, y, f"{path}[{i}]")
     else:
         assert a == b, path
+
+
+def newest_checkpoint_step(run_dir) -> int:
+    """Step of the newest valid checkpoint in `run_dir`/checkpoints (0 when there is none)."""
+    from decm import checkpoint
+
+    path, _ = checkpoint.latest_valid(os.path.join(str(run_dir), "checkpoints"))
+    return int(os.path.basename(path)[5:13]) if path else 0

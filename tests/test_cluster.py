@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from conftest import assert_same_state
+from conftest import assert_same_state, newest_checkpoint_step
 
 from decm import checkpoint, launch
 from decm.cluster import ClusterSpec, submit
@@ -89,10 +89,6 @@ def task_pids(root_pid):
     return out
 
 
-def newest_step(run_dir):
-    path, _ = checkpoint.latest_valid(os.path.join(run_dir, "checkpoints"))
-    return int(os.path.basename(path)[5:13]) if path else 0
-
 
 def test_local_subprocess_preemption_requeues_and_resumes_exactly(tmp_path):
     ref_dir, pre_dir = str(tmp_path / "reference"), str(tmp_path / "preempted")
@@ -104,7 +100,7 @@ def test_local_subprocess_preemption_requeues_and_resumes_exactly(tmp_path):
     parse(spec.gin_files, spec.bindings)
     prepare(spec)
     job = submit(spec, ClusterSpec(backend="local-subprocess", timeout_min=10, signal_delay_s=5))
-    wait_for(lambda: newest_step(pre_dir) >= 100, 120, "a checkpoint at step ≥ 100")
+    wait_for(lambda: newest_checkpoint_step(pre_dir) >= 100, 120, "a checkpoint at step ≥ 100")
     pids = task_pids(job._process.pid)
     assert len(pids) == 1
     os.kill(pids[0], signal.SIGUSR2)  # what Slurm sends on preemption or before the time limit

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import assert_same_state
+from conftest import assert_same_state, newest_checkpoint_step
 
 from decm import checkpoint
 from decm.method.objective import decm_objective
@@ -31,10 +31,6 @@ def launch_cmd(run_dir):
     return cmd
 
 
-def newest(run_dir):
-    path, _ = checkpoint.latest_valid(os.path.join(run_dir, "checkpoints"))
-    return int(os.path.basename(path)[5:13]) if path else 0
-
 
 def test_sigkill_three_times_at_random_steps_then_resume_is_bit_identical(tmp_path):
     ref, run = str(tmp_path / "ref"), str(tmp_path / "killed")
@@ -43,15 +39,15 @@ def test_sigkill_three_times_at_random_steps_then_resume_is_bit_identical(tmp_pa
     kills = []
     for k in range(3):
         proc = subprocess.Popen(launch_cmd(run), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = newest(run) + rng.choice([7, 14])
+        target = newest_checkpoint_step(run) + rng.choice([7, 14])
         deadline = time.time() + 120
-        while newest(run) < target and proc.poll() is None and time.time() < deadline:
+        while newest_checkpoint_step(run) < target and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.15))  # somewhere between checkpoints
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            kills.append(newest(run))
+            kills.append(newest_checkpoint_step(run))
     assert len(kills) == 3 and kills[-1] < 90, kills
     assert subprocess.run(launch_cmd(run), cwd=ROOT, capture_output=True).returncode == 0
     a = checkpoint.latest_valid(os.path.join(ref, "checkpoints"))[1]

@@ -27,6 +27,7 @@ import torch
 from decm import checkpoint, distributed
 from decm.eval.metrics import energy_distance, sliced_wasserstein
 from decm.method.guidance import NoGuidance
+from decm.plots import line_panels
 from decm.registry import get as get_component
 from decm.sampling import TeacherEuler
 from decm.train import backbone_kwargs, load_network_teacher
@@ -255,26 +256,12 @@ def write_table(rows, out_dir: str) -> None:
 
 def plot_nfe(rows, path: str) -> None:
     """Metric vs NFE (log x), one line per model × sampler, one panel per metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [k for k in rows[0] if k not in ("model", "sampler", "nfe") and not k.endswith("_std")] if rows else []
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3.2), squeeze=False)
-    for ax, metric in zip(axes[0], names):
-        for key in dict.fromkeys((r["model"], r["sampler"]) for r in rows):
-            pts = sorted((r["nfe"], r[metric]) for r in rows if (r["model"], r["sampler"]) == key)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} · {key[1]}")
-        ax.set_xscale("log")
-        ax.set_xlabel("NFE")
-        ax.set_title(metric)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    panels = {metric: [(f"{key[0]} · {key[1]}",
+                        sorted((r["nfe"], r[metric]) for r in rows if (r["model"], r["sampler"]) == key))
+                       for key in dict.fromkeys((r["model"], r["sampler"]) for r in rows)]
+              for metric in names}
+    line_panels(panels, path, xlabel="NFE", xlog=True, marker="o", dpi=110, legend_fontsize=7)
 
 
 def save_picture(pictures: dict, reference, path: str, images: bool, num_classes: int) -> None:
