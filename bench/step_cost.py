@@ -183,7 +183,7 @@ def part_functions(student, teacher, guidance, batches, device, bf16):
     def jvp(lean):
         return lambda: flow_map_jvp(student, x, t, s, y, v, torch.ones_like(t), torch.zeros_like(s), lean=lean)
 
-    # J_pytorch: the same JVP with PyTorch's own linear/GELU forward-AD rules (what `lean` saves)
+    # J_pytorch: the same JVP with PyTorch's own linear/GELU/attention forward-AD rules (what `lean` saves)
     return {"T": teacher_call, "J": jvp(True), "W": fwd_bwd, "O": opt.step, "J_pytorch": jvp(False)}
 
 
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
                      f"{r['memory_bytes'] / 2**20:8.1f}Mi {r.get('memory_ratio', float('nan')):6.2f} {floor}")
     lines.append("parts: " + ", ".join(f"{k} = {v * 1e3:.1f} ms" for k, v in parts.items())
                  + " (T teacher call, J no-grad JVP, W with-grad forward+backward, O AdamW;"
-                 " J_pytorch: J with PyTorch's own linear/GELU tangent rules)")
+                 " J_pytorch: J with PyTorch's own linear/GELU/attention rules)")
     print("\n".join(lines))
     info = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
             "processor": platform.processor(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),

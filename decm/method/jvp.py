@@ -13,14 +13,17 @@ Lean tangents (`lean=True`, the default of both AD paths): PyTorch's forward-AD 
 (addmm) materialises zero tangents for the weight and bias and multiplies by them, so every linear
 layer costs three matmuls instead of two; its GELU rule evaluates the GELU twice. Inside the JVP a
 torch-function mode routes `F.linear` and `F.gelu` through autograd Functions whose tangent rule is
-the same formula without the zero terms (x_t·Wᵀ; gelu_backward(x_t, x)). Parameters are never
-dual here, so the tangent is bit-identical (tested) and a third of the JVP's matmul work goes away.
+the same formula without the zero terms (x_t·Wᵀ; gelu_backward(x_t, x)), and unmasked attention
+through the MATH kernel's own arithmetic minus its safe-softmax check (an extra pass over the scores).
+Parameters are never dual here, so the tangent is bit-identical (tested) and a third of the JVP's
+matmul work goes away.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Callable
 
 import torch
@@ -125,7 +128,21 @@ class LeanTangents(TorchFunctionMode):
         if func is F.gelu:  # gelu(input, approximate='none')
             bound = dict(zip(("input", "approximate"), args), **kwargs)
             return _LeanGelu.apply(bound["input"], bound.get("approximate", "none"))
+        if func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+            bound = dict(zip(names, args), **kwargs)
+            if bound.get("attn_mask") is None and not bound.get("dropout_p") and not bound.get("is_causal") \
+                    and not bound.get("enable_gqa"):
+                return _plain_attention(bound["query"], bound["key"], bound["value"], bound.get("scale"))
         return func(*args, **kwargs)
+
+
+def _plain_attention(q, k, v, scale=None):
+    """The MATH SDPA kernel's arithmetic (√scale on q and on kᵀ, softmax, ·v) without its safe-softmax
+    check for fully masked rows (an all-reduce over the scores that cannot fire without a mask)."""
+    root = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    attn = torch.matmul(q * root, k.transpose(-2, -1) * root)
+    return torch.matmul(attn.softmax(dim=-1), v)
 
 
 def jvp_autograd(fn: Callable, primals: tuple, tangents: tuple, lean: bool = True):
