@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 
 OBJECTIVE_DIRECTION = "minimize"
 
@@ -357,8 +358,6 @@ def finalize(spec: SweepSpec) -> dict:
         if len(complete) < need or (name == "importances.png" and len(spec.space) < 2):
             continue
         try:
-            import warnings
-
             with warnings.catch_warnings():  # Optuna's "experimental" notes and matplotlib layout notes
                 warnings.simplefilter("ignore")
                 fn(study)

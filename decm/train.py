@@ -206,6 +206,8 @@ def train(
     if compile_backend != "off":
         wrapped = torch.compile(wrapped, backend=compile_backend)
     stats_writer = StatsWriter(run_dir, resume_step=start) if info.main else None
+    per_term = getattr(objective, "backward_per_term", False)  # the objective runs a backward per term
+    per_term_kwargs = {"backward": True, "agree": lambda bad: distributed.any_true(bad, info)} if per_term else {}
 
     def save(step):
         if info.main:
@@ -238,15 +240,10 @@ def train(
         else:
             x1, y = dataset.batch(batch_size, g)
         x1, y = x1.to(device), (y.to(device) if y is not None else None)
-        per_term = getattr(objective, "backward_per_term", False)  # backward inside, one term at a time
         opt.zero_grad(set_to_none=True)
         try:
             with autocast:
-                if per_term:
-                    loss, stats, ctx = objective(wrapped, teacher, x1, y, step, g, backward=True,
-                                                 agree=lambda bad: distributed.any_true(bad, info))
-                else:
-                    loss, stats, ctx = objective(wrapped, teacher, x1, y, step, g)
+                loss, stats, ctx = objective(wrapped, teacher, x1, y, step, g, **per_term_kwargs)
                 if part_grad_every_steps and stage == "distill" and (step + 1) % part_grad_every_steps == 0:
                     from decm.method.diagnostics import part_grad_norms
 

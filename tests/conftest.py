@@ -67,3 +67,13 @@ def newest_checkpoint_step(run_dir) -> int:
 
     path, _ = checkpoint.latest_valid(os.path.join(str(run_dir), "checkpoints"))
     return int(os.path.basename(path)[5:13]) if path else 0
+
+
+def load_bench(name: str):
+    """The module bench/<name>.py (bench/ is a folder of scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join("bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

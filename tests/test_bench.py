@@ -1,23 +1,16 @@
 """Benchmarks run and write their JSON; the cost optimisations leave the losses unchanged."""
 
-import importlib.util
 import json
 
 import pytest
 import torch
+from conftest import load_bench
 
 from decm.method.guidance import CFG
 from decm.method.objective import decm_objective
 from decm.method.teachers import NetworkTeacher
 from decm.models.sit import sit
 from decm.train import step_generator
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, f"bench/{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def tiny_pair():
@@ -55,7 +48,7 @@ def test_per_term_backward_gives_the_same_losses_and_gradients_with_less_live_me
     """backward_per_term (the default in training) vs one backward of the summed loss, at an N2N step."""
     teacher, student = tiny_pair()
     x1, y = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
-    saved = load("step_cost").SavedBytes
+    saved = load_bench("step_cost").SavedBytes
     out = []
     for per_term in (False, True):
         obj = decm_objective(guidance=CFG(scale=1.5))
@@ -111,7 +104,7 @@ def test_batched_cfg_equals_separate_conditional_and_unconditional_calls():
 
 def test_step_cost_and_sampling_benchmarks_write_results(tmp_path):
     out = tmp_path / "cost.json"
-    assert load("step_cost").main(["--preset", "tiny", "--batch", "4", "--image-size", "8", "--repeats", "1",
+    assert load_bench("step_cost").main(["--preset", "tiny", "--batch", "4", "--image-size", "8", "--repeats", "1",
                                    "--warmup", "0", "--out", str(out)]) == 0
     r = json.loads(out.read_text())["results"]
     assert set(r) == {"fm", "cm", "cm_fwad", "cm_dual", "cm_fd", "fm_term", "n2n", "decm", "decm_dual", "scm",
@@ -122,7 +115,7 @@ def test_step_cost_and_sampling_benchmarks_write_results(tmp_path):
     assert r["decm"]["floor_seconds"] == pytest.approx(
         (1 + 2 / 3) * parts["T"] + (1 + 1 / 3) * parts["J"] + (2 + 1 / 3) * parts["W"] + parts["O"])
     out2 = tmp_path / "sampling.json"
-    assert load("sampling").main(["--preset", "tiny", "--batch", "8", "--image-size", "8", "--repeats", "1",
+    assert load_bench("sampling").main(["--preset", "tiny", "--batch", "8", "--image-size", "8", "--repeats", "1",
                                   "--teacher-nfe", "4", "--out", str(out2)]) == 0
     s = json.loads(out2.read_text())["results"]
     assert s["student_nfe1"]["speedup_vs_teacher"] > 1.0

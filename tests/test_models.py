@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import load_bench
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from decm.method.jvp import flow_map_jvp
@@ -161,11 +162,7 @@ def test_bf16_autocast_keeps_the_jvp_and_time_embeddings_in_fp32():
 @pytest.mark.parametrize("name", ["sit-tiny", "lightning-style"])
 def test_grad_checkpointing_gives_the_same_outputs_and_gradients_with_less_saved_memory(name):
     """backbones.sit.grad_checkpointing recomputes blocks in the backward: identical numbers, less memory."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("step_cost", "bench/step_cost.py")
-    step_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_cost)
+    step_cost = load_bench("step_cost")
     model = randomize(BACKBONES[name]())
     x, t, s, y = jvp_inputs(name, model)[:4]
     results = []

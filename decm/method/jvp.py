@@ -118,7 +118,7 @@ class _LeanGelu(torch.autograd.Function):
 
 
 class LeanTangents(TorchFunctionMode):
-    """Routes F.linear / F.gelu through the lean forward-AD rules above (fp32, outside autocast)."""
+    """Routes F.linear, F.gelu and unmasked SDPA through the lean rules in this file (fp32, outside autocast)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -200,7 +200,7 @@ def flow_map_jvp(model, x, t, s, y, dx, dt, ds, method: str = "autograd", fd_eps
       method: 'autograd' (torch.func.jvp), 'forward_ad' (dual numbers) or 'fd' (float64 central
         difference); all without a graph ('forward_ad_grad' is handled by the objective's Context).
       fd_eps: finite-difference step.
-      lean: lean linear/GELU tangent rules in the AD paths (bit-identical; False = PyTorch's own rules).
+      lean: lean linear/GELU/attention rules in the AD paths (bit-identical; False = PyTorch's own rules).
     """
     if method == "autograd":
         return jvp_autograd(lambda a, b, c: model(a, b, c, y), (x, t, s), (dx, dt, ds), lean=lean)

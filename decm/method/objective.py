@@ -232,7 +232,7 @@ class Objective(nn.Module):
     def _backward_term(term, ctx, t, s, agree):
         """One term's forward and backward; returns its batch-mean loss (graph freed)."""
         try:
-            value, bad = term.loss(ctx, t, s).mean(), False
+            value = term.loss(ctx, t, s).mean()
             bad = not bool(torch.isfinite(value.detach()))
         except NonFiniteTargetError:
             if agree is None:

@@ -14,8 +14,8 @@ import math
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Attention, Mlp
 from torch import nn
