@@ -4,7 +4,8 @@
 
 Rows are gin diffs on the benchmark experiment (gin/ablations/*.gin): teacher, FM only, CD only,
 FM + CD (≈ FACM), FM + N2N, full DE-CM, and the peers sCM and MeanFlow distilled from the same
-teacher; `--extended` adds λ ∈ {0, 1}, r-decay off, CFG clipping off/on and N2N every 1 / 5 steps.
+teacher; `--extended` adds λ ∈ {0, 1}, r-decay off, CFG clipping off/on and N2N every 1 / 5 steps (the clip
+rows only on benchmarks with CFG w > 1: toy2d_cond, digits; elsewhere they are refused).
 Every row uses the benchmark's steps, batch and teacher (`--steps` overrides all rows alike) and seed
 k for `distill/train.seed` (the teacher is shared). Students are evaluated with the flow-map chain at
 NFE 1/2/4/50 and Euler on the instantaneous velocity F(x,t,t) at 50; the teacher with Euler.
@@ -12,7 +13,10 @@ NFE 1/2/4/50 and Euler on the instantaneous velocity F(x,t,t) at 50; the teacher
 Writes `<out>/table.md`, `table.csv` (mean ± std over seeds), `results.json` (every run's rows),
 `relations.json` (the paper's relations (a)–(d), checked) and `plot.png`. Rows run in this process
 one after another (`--backend local`) or as separate jobs (`local-subprocess`, `slurm`; resources
-from `--cluster-gin`). Finished runs are reused: rerunning resumes and re-evaluates.
+from `--cluster-gin`). Finished runs are reused: rerunning resumes and re-evaluates. A row's run
+directory is `<runs-root>/<benchmark>/<row>-seed<k>-<config hash>`, so a rerun with any changed setting
+(steps, bindings, an edited gin file) trains anew instead of presenting old results. Spreads are
+sample standard deviations (ddof = 1).
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ import sys
 
 import numpy as np
 
-BENCHMARKS = {"toy2d": ("gin/toy2d.gin", "sw2"), "digits": ("gin/quickstart.gin", "fid")}
+# name: (benchmark gin, metric, teacher guided with CFG w > 1)
+BENCHMARKS = {"toy2d": ("gin/toy2d.gin", "sw2", False), "toy2d_cond": ("gin/toy2d_cond.gin", "sw2", True),
+              "toy2d_exact": ("gin/toy2d_exact_teacher.gin", "sw2", False),
+              "digits": ("gin/quickstart.gin", "fid", True)}
+CLIP_ROWS = ("clip_off", "clip_on")  # η only changes the targets where CFG w > 1
 CORE = ["teacher", "fm_only", "cd_only", "fm_cd", "fm_n2n", "decm", "scm", "meanflow"]
 EXTENDED = ["lambda0", "lambda1", "r_decay_off", "clip_off", "clip_on", "n2n_every1", "n2n_every5"]
 LABELS = {"teacher": "teacher (Euler)", "fm_only": "FM only", "cd_only": "CD only", "fm_cd": "FM + CD (≈FACM)",
@@ -51,8 +59,26 @@ def row_spec(benchmark: str, row: str, seed: int, steps: int | None, runs_root: 
                      "evaluate.teacher_nfe = ()"]
         if steps:
             bindings.append(f"distill/train.steps = {steps}")
-    run_dir = os.path.join(runs_root, benchmark, f"{row}-seed{seed}")
-    return RunSpec((gin_file, f"gin/ablations/{row}.gin"), tuple(bindings) + tuple(extra), run_dir, force=True)
+    gin_files, bindings = (gin_file, f"gin/ablations/{row}.gin"), tuple(bindings) + tuple(extra)
+    run_dir = os.path.join(runs_root, benchmark, f"{row}-seed{seed}-{config_key(gin_files, bindings)}")
+    return RunSpec(gin_files, bindings, run_dir, force=True)
+
+
+def config_key(gin_files, bindings) -> str:
+    """12 hex digits of the parsed configuration (every included file and binding): a rerun with any
+    changed setting gets a new run directory instead of resuming one trained with other settings."""
+    import hashlib
+
+    import gin
+
+    from decm.job import parse
+
+    parse(gin_files, bindings)
+    return hashlib.sha256(gin.config_str().encode()).hexdigest()[:12]
+
+
+def run_dir_of(specs, row: str, seed: int):
+    return next(s.run_dir for s in specs if os.path.basename(s.run_dir).startswith(f"{row}-seed{seed}-"))
 
 
 def run_all(specs, backend: str, cluster_gin: str | None):
@@ -95,19 +121,20 @@ def cell(rows, row: str, sampler: str, nfe: int, metric: str):
     return None
 
 
-def aggregate(results: dict, rows_order, seeds, benchmark, runs_root, metric):
-    """{row: {(sampler, nfe): (mean, std, n)}}."""
+def aggregate(results: dict, rows_order, seeds, specs, metric):
+    """{row: {(sampler, nfe): (mean, sd, n)}}, sd the sample standard deviation (ddof = 1; 0 for one seed)."""
     table = {}
     for row in rows_order:
         table[row] = {}
         for col in COLUMNS:
             vals = []
             for seed in seeds:
-                m = results.get(os.path.join(runs_root, benchmark, f"{row}-seed{seed}"))
+                m = results.get(run_dir_of(specs, row, seed))
                 v = cell(m["rows"], row, col[0], col[1], metric) if m else None
                 if v is not None:
                     vals.append(v)
-            table[row][col] = (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
+            sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+            table[row][col] = (float(np.mean(vals)), sd, len(vals)) if vals else None
     return table
 
 
@@ -208,23 +235,32 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output dir (default analysis/results/ablation-<benchmark>)")
     args = p.parse_args(argv)
     sys.path.insert(0, os.getcwd())
-    rows = args.rows or (CORE + (EXTENDED if args.extended else []))
+    extended = [r for r in EXTENDED if BENCHMARKS[args.benchmark][2] or r not in CLIP_ROWS] if args.extended else []
+    if args.extended and len(extended) < len(EXTENDED):
+        print(f"[ablation] --benchmark {args.benchmark} has no CFG: clip rows left out (run them on toy2d_cond)",
+              file=sys.stderr)
+    rows = args.rows or (CORE + extended)
     bad = [r for r in rows if not os.path.exists(f"gin/ablations/{r}.gin")]
     if bad or args.seeds < 1:
         print(f"ablation_table: error: unknown rows {bad} or --seeds < 1 (rows: {' '.join(CORE + EXTENDED)})",
               file=sys.stderr)
         return 2
+    clip = [r for r in rows if r in CLIP_ROWS]
+    if clip and not BENCHMARKS[args.benchmark][2]:
+        print(f"ablation_table: error: rows {clip} change the CFG clip η, which does nothing without CFG w > 1 on "
+              f"--benchmark {args.benchmark}: use --benchmark toy2d_cond or digits", file=sys.stderr)
+        return 2
     from decm.job import ConfigError
 
     seeds = list(range(args.seeds))
-    specs = [row_spec(args.benchmark, r, s, args.steps, args.runs_root, args.bind) for r in rows for s in seeds]
     try:
+        specs = [row_spec(args.benchmark, r, s, args.steps, args.runs_root, args.bind) for r in rows for s in seeds]
         results = run_all(specs, args.backend, args.cluster_gin)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"ablation_table: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     metric = BENCHMARKS[args.benchmark][1]
-    table = aggregate(results, rows, seeds, args.benchmark, args.runs_root, metric)
+    table = aggregate(results, rows, seeds, specs, metric)
     rels = relations(table)
     out = args.out or os.path.join("analysis", "results", f"ablation-{args.benchmark}")
     print(write_outputs(table, rels, results, out, args.benchmark, metric, seeds, rows))

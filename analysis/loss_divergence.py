@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-BENCHMARKS = {"toy2d": "gin/toy2d.gin", "digits": "gin/quickstart.gin"}
+BENCHMARKS = {"toy2d": "gin/toy2d_exact_teacher.gin", "digits": "gin/quickstart.gin"}
 # name: (ablation row gin, extra bindings, description)
 CONFIGS = {
     "cd_only": ("cd_only", [], "CD only (FACM target)"),

@@ -16,25 +16,124 @@ spec.loader.exec_module(ablation)
 
 
 @pytest.mark.parametrize("row", sorted(os.path.basename(p)[:-4] for p in glob.glob("gin/ablations/*.gin")))
-@pytest.mark.parametrize("bench", ["gin/toy2d.gin", "gin/quickstart.gin"])
+@pytest.mark.parametrize("bench", ["gin/toy2d.gin", "gin/toy2d_cond.gin", "gin/toy2d_exact_teacher.gin",
+                                   "gin/quickstart.gin"])
 def test_every_row_is_a_diff_that_builds_on_both_benchmarks(row, bench):
     parse([bench, f"gin/ablations/{row}.gin"], [])
     build("/nonexistent/dry-run")
 
 
-def test_rows_change_exactly_the_objective_they_name():
+def describe(bench: str, row: str | None) -> dict:
+    """Every setting an ablation row could change, read from the built distillation objective and gin."""
     import gin
 
     from decm.registry import import_all
 
     import_all()
-    parse(["gin/toy2d.gin", "gin/ablations/fm_cd.gin"], [])
+    parse([bench] + ([f"gin/ablations/{row}.gin"] if row else []), [])
     with gin.config_scope("distill"):
         obj = gin.query_parameter("distill/train.objective").scoped_configurable_fn()
-    assert [t.term_name for t in obj.terms] == ["cm", "fm"]
-    parse(["gin/toy2d.gin", "gin/ablations/meanflow.gin"], [])
-    obj = gin.query_parameter("distill/train.objective").scoped_configurable_fn()
-    assert [type(t.loss).__name__ for t in obj.terms] == ["MeanFlowLoss"]
+    out = {"guidance": (type(obj.guidance).__name__, getattr(obj.guidance, "scale", None),
+                        getattr(obj.guidance, "clip_norm", None)),
+           "train.steps": gin.query_parameter("distill/train.steps"),
+           "evaluate.student_nfe": gin.query_parameter("evaluate.student_nfe") if gin_has("evaluate.student_nfe") else None}
+    for term in obj.terms:
+        loss, sel = term.loss, term.selector
+        out[f"{term.term_name}.term"] = (type(sel).__name__, type(loss).__name__, term.weight, term.every)
+        out[f"{term.term_name}.loss"] = {k: (v.__name__ if callable(v) else v) for k, v in vars(loss).items()
+                                         if not k.startswith("_") and k != "training"}
+        out[f"{term.term_name}.loss"]["logvar"] = getattr(loss, "logvar", None) is not None
+        out[f"{term.term_name}.selector"] = dict(vars(sel))
+    return out
+
+
+def gin_has(name: str) -> bool:
+    import gin
+
+    try:
+        gin.query_parameter(name)
+        return True
+    except ValueError:
+        return False
+
+
+def diff(a: dict, b: dict) -> dict:
+    """{key: (a value, b value)} for every top-level and nested key that differs."""
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.update({f"{k}.{kk}": v for kk, v in diff(va, vb).items()})
+        elif va != vb:
+            out[k] = (va, vb)
+    return out
+
+
+# What each row must change relative to the full DE-CM configuration, and nothing else.
+EXPECTED_DIFF = {
+    "decm": set(),
+    "cd_only": {"fm.term", "fm.loss", "fm.selector", "n2n.term", "n2n.loss", "n2n.selector"},
+    "fm_cd": {"n2n.term", "n2n.loss", "n2n.selector"},
+    "fm_n2n": {"cm.term", "cm.loss", "cm.selector"},
+    "fm_only": {"cm.term", "cm.loss", "cm.selector", "n2n.term", "n2n.loss", "n2n.selector"},
+    "n2n_only": {"cm.term", "cm.loss", "cm.selector", "fm.term", "fm.loss", "fm.selector", "n2n.term"},
+    "lambda0": {"n2n.loss.lam"},
+    "lambda1": {"n2n.loss.lam"},
+    "r_decay_off": {"n2n.selector.decay_steps"},
+    "n2n_every1": {"n2n.term"},
+    "n2n_every5": {"n2n.term"},
+    "teacher": {"train.steps", "evaluate.student_nfe"},
+    "clip_on": {"guidance"},
+    "clip_off": set(),  # = the default η (not recovered): the pair is clip_on (see the row's header)
+}
+
+
+@pytest.mark.parametrize("row", sorted(os.path.basename(p)[:-4] for p in glob.glob("gin/ablations/*.gin")))
+def test_every_row_changes_exactly_the_objective_it_names(row):
+    base = describe("gin/toy2d_cond.gin", None)
+    mine = describe("gin/toy2d_cond.gin", row)
+    changed = diff(base, mine)
+    if row == "meanflow":
+        assert {k: v for k, v in changed.items() if k.startswith("meanflow.")}
+        assert [k for k in mine if k.endswith(".term")] == ["meanflow.term"]
+        assert mine["meanflow.term"][1] == "MeanFlowLoss"
+        return
+    if row == "scm":
+        assert mine["cm.loss"]["kind"] == "scm" and mine["cm.loss"]["logvar"] is True
+        assert mine["cm.loss"]["tangent_norm"] == "rms" and mine["cm.loss"]["weighting"] == "none"
+        assert [k for k in mine if k.endswith(".term")] == ["cm.term"]
+        return
+    assert set(changed) == EXPECTED_DIFF[row], changed
+    if row in ("lambda0", "lambda1"):
+        assert mine["n2n.loss"]["lam"] == {"lambda0": 0.0, "lambda1": 1.0}[row]
+    if row.startswith("n2n_every"):
+        assert mine["n2n.term"][3] == int(row[len("n2n_every"):])
+    if row == "clip_on":
+        assert mine["guidance"][2] == 1.0 and mine["guidance"][1] > 1.0
+
+
+def test_clip_rows_give_different_targets_on_the_conditional_benchmark():
+    """On the CFG benchmark (w > 1) η changes the guided teacher velocity, hence every target."""
+    import gin
+    import torch
+
+    from decm.method.objective import Context
+
+    def velocity(row):
+        parse(["gin/toy2d_cond.gin", f"gin/ablations/{row}.gin"], [])
+        with gin.config_scope("distill"):
+            obj = gin.query_parameter("distill/train.objective").scoped_configurable_fn()
+            dataset = gin.query_parameter("train.dataset").scoped_configurable_fn()
+        teacher = dataset.analytic_teacher()
+        x1, y = dataset.batch(256, torch.Generator().manual_seed(0))
+        z = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1))
+        ctx = Context(None, teacher, obj.guidance, x1, z, y, 0)
+        t = torch.rand(256, generator=torch.Generator().manual_seed(2))
+        return ctx.velocity(ctx.point(t), t)
+
+    on, off = velocity("clip_on"), velocity("clip_off")
+    assert (on - off).abs().max() > 0.1
+    assert ablation.main(["--benchmark", "toy2d", "--rows", "clip_on"]) == 2  # no CFG there: refused
 
 
 def synthetic(values):
@@ -60,7 +159,8 @@ def test_table_script_runs_rows_and_writes_every_output(tmp_path):
     argv = ["--benchmark", "toy2d", "--rows", "teacher", "fm_cd", "decm", "--steps", "6", "--seeds", "2",
             "--runs-root", str(tmp_path / "runs"), "--out", str(out),
             "--bind", "backbones.mlp.width = 16", "--bind", "evaluate.n_samples = 300",
-            "--bind", "wandb.enabled = False"]
+            "--bind", "wandb.enabled = False", "--bind", "teacher/train.steps = 20",
+            "--bind", f"experiment.cache_root = '{tmp_path / 'cache'}'"]
     assert ablation.main(argv) == 0
     md = (out / "table.md").read_text()
     assert "| DE-CM (full) |" in md and " ± " in md and "## Relations" in md

@@ -1,6 +1,7 @@
 """Analysis scripts: the CM gradient split, per-hop errors of the exact flow map, produced files."""
 
 import importlib.util
+import math
 import os
 import sys
 
@@ -59,20 +60,47 @@ def test_divergence_events_detect_spikes_and_nonfinite_steps():
     assert ev.sum() == 2 and ev[60] and ev[-1]
 
 
-def test_exact_flow_map_has_zero_hop_errors():
-    from decm.data.builtin import GaussianMixture2D
-    from decm.eval.evaluate import sample_noise
+class ClosedFormFlowMap(torch.nn.Module):
+    """The Gaussian's exact average velocity in closed form (method.md), no ODE solver involved."""
 
-    ds = GaussianMixture2D()
-    teacher = ds.analytic_teacher()
-    oracle = error_accumulation.OracleFlowMap(teacher, ode_steps=200)
-    z = sample_noise(np.arange(64), (2,), 0)
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x, t, s, y=None):
+        return self.teacher.average_velocity(x, t, s)
+
+
+def closed_form_point(teacher, z, tau):
+    """x*(τ) = f(z, 0, τ) = τμ + S_τ·z for x₁ ~ N(μ, σ²I) (S_0 = 1)."""
+    s_tau = math.sqrt((1 - tau) ** 2 + tau ** 2 * teacher.sigma2)
+    return tau * teacher.mu + s_tau * z
+
+
+def test_hop_errors_against_the_closed_form_gaussian_flow_map():
+    """Reference independent of `ode_flow`: the Gaussian's closed-form trajectory. The exact student has
+    zero error; an Euler student F(x, t, s) = v(x, t) has the closed-form local and accumulated errors."""
+    from decm.method.teachers import GaussianTeacher
+
+    teacher = GaussianTeacher(mean=[0.7, -0.4], std=0.3, shape=(2,))
+    z = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for nfe in (1, 2, 4):
-        rows = error_accumulation.hop_errors(oracle, teacher, z, None, nfe, "chain", ode_steps=200)
-        assert len(rows) == nfe
-        assert max(r["accumulated"] for r in rows) < 1e-5 and max(r["local"] for r in rows) < 1e-5
-    bad = error_accumulation.hop_errors(lambda x, t, s, y: torch.zeros_like(x), teacher, z, None, 2, "chain")
-    assert bad[-1]["accumulated"] > 0.5  # a wrong student is not
+        rows = error_accumulation.hop_errors(ClosedFormFlowMap(teacher), teacher, z, None, nfe, "chain",
+                                             ode_steps=200)
+        assert max(r["accumulated"] for r in rows) < 1e-8 and max(r["local"] for r in rows) < 1e-8
+    # Euler student: one hop x + (b − a)·v(x, a). Expected errors from the closed form alone.
+    euler = lambda x, t, s, y: teacher(x, t)  # noqa: E731
+    rows = error_accumulation.hop_errors(euler, teacher, z, None, 2, "chain", ode_steps=200)
+    x = z
+    for row in rows:
+        a, b = row["t_from"], row["t_to"]
+        ta = torch.full((256,), a, dtype=torch.float64)
+        exact_a, exact_b = closed_form_point(teacher, z, a), closed_form_point(teacher, z, b)
+        x = x + (b - a) * teacher(x, ta)
+        local = exact_a + (b - a) * teacher(exact_a, ta)
+        assert abs(row["accumulated"] - error_accumulation.rms(x, exact_b)) < 1e-8
+        assert abs(row["local"] - error_accumulation.rms(local, exact_b)) < 1e-8
+        assert row["local"] > 0.01  # Euler is not exact: the check has something to see
 
 
 def test_scripts_produce_their_files(tmp_path):

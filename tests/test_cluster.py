@@ -52,13 +52,13 @@ def test_lightningdit_dry_run_builds_xl_on_the_meta_device(capsys):
     ("cluster.gpus = 8", "cluster"),
 ])
 def test_bad_cluster_bindings_are_one_line_errors(tmp_path, capsys, bind, needle):
-    assert launch.main(["--gin", "gin/toy2d.gin", "--run-dir", str(tmp_path / "r"), "--bind", bind]) == 2
+    assert launch.main(["--gin", "gin/toy2d_exact_teacher.gin", "--run-dir", str(tmp_path / "r"), "--bind", bind]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
 
 
 def test_cluster_bindings_do_not_count_as_a_config_change(tmp_path):
-    spec = RunSpec(("gin/toy2d.gin",), tuple(PREEMPT), str(tmp_path / "r"))
+    spec = RunSpec(("gin/toy2d_exact_teacher.gin",), tuple(PREEMPT), str(tmp_path / "r"))
     prepare(spec)
     prepare(RunSpec(spec.gin_files, spec.bindings + ("cluster.timeout_min = 5",), spec.run_dir))  # no refusal
 
@@ -92,11 +92,11 @@ def task_pids(root_pid):
 
 def test_local_subprocess_preemption_requeues_and_resumes_exactly(tmp_path):
     ref_dir, pre_dir = str(tmp_path / "reference"), str(tmp_path / "preempted")
-    ref = RunSpec(("gin/toy2d.gin",), tuple(PREEMPT), ref_dir)
+    ref = RunSpec(("gin/toy2d_exact_teacher.gin",), tuple(PREEMPT), ref_dir)
     prepare(ref)
     run(ref)
 
-    spec = RunSpec(("gin/toy2d.gin",), tuple(PREEMPT), pre_dir)
+    spec = RunSpec(("gin/toy2d_exact_teacher.gin",), tuple(PREEMPT), pre_dir)
     parse(spec.gin_files, spec.bindings)
     prepare(spec)
     job = submit(spec, ClusterSpec(backend="local-subprocess", timeout_min=10, signal_delay_s=5))
@@ -116,7 +116,7 @@ def test_local_subprocess_preemption_requeues_and_resumes_exactly(tmp_path):
 
 
 def test_local_subprocess_two_task_ddp_training(tmp_path):
-    spec = RunSpec(("gin/toy2d.gin",), tuple(PREEMPT[:1] + PREEMPT[2:] + ["distill/train.steps = 20"]),
+    spec = RunSpec(("gin/toy2d_exact_teacher.gin",), tuple(PREEMPT[:1] + PREEMPT[2:] + ["distill/train.steps = 20"]),
                    str(tmp_path / "ddp"))
     parse(spec.gin_files, spec.bindings)
     prepare(spec)

@@ -143,7 +143,7 @@ TINY = ["experiment.stages = ('distill',)", "distill/train.steps = 12", "distill
 
 def tiny_run(tmp_path, name, extra=()):
     run_dir = str(tmp_path / name)
-    argv = ["--gin", "gin/toy2d.gin", "--run-dir", run_dir]
+    argv = ["--gin", "gin/toy2d_exact_teacher.gin", "--run-dir", run_dir]
     for b in TINY + list(extra):
         argv += ["--bind", b]
     assert launch.main(argv) == 0

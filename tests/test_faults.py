@@ -25,7 +25,7 @@ TINY = ["experiment.stages = ('distill',)", "distill/train.steps = 90", "distill
 
 
 def launch_cmd(run_dir):
-    cmd = [sys.executable, "-m", "decm.launch", "--gin", "gin/toy2d.gin", "--run-dir", run_dir]
+    cmd = [sys.executable, "-m", "decm.launch", "--gin", "gin/toy2d_exact_teacher.gin", "--run-dir", run_dir]
     for b in TINY:
         cmd += ["--bind", b]
     return cmd

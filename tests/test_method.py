@@ -47,22 +47,29 @@ def test_gaussian_velocity_matches_exact_flow_map_ode():
     assert torch.allclose(teacher.average_velocity(x, t, t), teacher(x, t), atol=1e-12)
 
 
+def mixture_velocity_from_the_score(teacher, x, t):
+    """v(x, t) = (x + (1 − t)·∇ log p_t(x)) / t, with p_t = Σ w_k N(t·m_k, ((1−t)² + t²s_k²) I) and the
+    score from autograd: Tweedie's E[z | x_t] = −(1 − t)·∇ log p_t, and x_t = t·E[x₁|x_t] + (1 − t)·E[z|x_t]
+    give v = E[x₁ − z | x_t] = (x − E[z | x_t]) / t. Independent of the teacher's per-component formula."""
+    x = x.clone().requires_grad_(True)
+    d = x.shape[1]
+    var = (1 - t) ** 2 + t ** 2 * teacher.stds ** 2                      # (K,)
+    diff = x.unsqueeze(1) - t * teacher.means.unsqueeze(0)               # (B, K, D)
+    log_comp = (torch.log(teacher.weights) - 0.5 * d * torch.log(2 * math.pi * var)
+                - 0.5 * (diff ** 2).sum(-1) / var)
+    logp = torch.logsumexp(log_comp, dim=1)
+    (score,) = torch.autograd.grad(logp.sum(), x)
+    return (x + (1 - t) * score).detach() / t
+
+
 def test_gaussian_mixture_velocity_is_posterior_expectation():
     teacher = GaussianMixtureTeacher(means=[[-1.0, 0.0], [1.5, 0.5]], stds=[0.3, 0.2], weights=[0.3, 0.7])
     g = torch.Generator().manual_seed(0)
-    n = 400_000
-    yk = torch.multinomial(teacher.weights, n, replacement=True, generator=g)
-    x1 = teacher.means[yk] + teacher.stds[yk].unsqueeze(1) * torch.randn(n, 2, generator=g)
-    z = torch.randn(n, 2, generator=g)
-    t = 0.6
-    xt = (1 - t) * z + t * x1
-    # Monte-Carlo E[x1 − z | x_t ∈ small box] vs the closed form at the box centre.
-    centre = torch.tensor([0.5, 0.2])
-    box = ((xt - centre).abs() < 0.05).all(1)
-    mc = (x1 - z)[box].mean(0)
-    exact = teacher(centre.unsqueeze(0), torch.tensor([t]))[0]
-    assert box.sum() > 500
-    assert torch.allclose(mc, exact, atol=0.08)
+    x = 1.5 * torch.randn(64, 2, generator=g)
+    for t in (0.05, 0.3, 0.6, 0.95):
+        exact = mixture_velocity_from_the_score(teacher, x, t)
+        ours = teacher(x, torch.full((64,), t))
+        assert torch.allclose(ours, exact, atol=1e-10, rtol=0), (t, float((ours - exact).abs().max().detach()))
 
 
 def perturbed_pair(shape=(2,)):
@@ -182,9 +189,12 @@ def test_cfg_clipping_and_interval():
     v_c, v_u = teacher(x, t, y), teacher(x, t, torch.full_like(y, 2))
     plain = CFG(scale=2.0)(teacher, x, t, y)
     assert torch.allclose(plain, v_c + (v_c - v_u), atol=1e-12)
+    # clipped: v_c + (w − 1)·min(1, η/‖Δ‖)·Δ, exactly (w = 2, η = 0.01)
+    delta = v_c - v_u
+    factor = torch.clamp(0.01 / delta.norm(dim=1, keepdim=True), max=1.0)
+    assert (factor < 1).sum() >= 6  # the clip is active on most samples
     clipped = CFG(scale=2.0, clip_norm=0.01)(teacher, x, t, y)
-    delta = clipped - v_c
-    assert (delta.norm(dim=1) <= 0.01 + 1e-12).all()
+    assert torch.allclose(clipped, v_c + factor * delta, atol=1e-12, rtol=0)
     interval = CFG(scale=2.0, interval=(0.5, 1.0))(teacher, x, t, y)
     assert torch.allclose(interval[t < 0.5], v_c[t < 0.5]) and torch.allclose(interval[t >= 0.5], plain[t >= 0.5])
     assert torch.allclose(CFG(scale=1.0)(teacher, x, t, y), v_c)

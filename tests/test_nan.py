@@ -39,19 +39,40 @@ def test_skip_policy_raises_for_the_step():
         run("skip")
 
 
+class NaNAtRTeacher(GaussianTeacher):
+    """NaN velocity only at τ = r = 0.1 (N2N's source time at step 0): the CM and FM terms, evaluated at
+    stratified base times, stay finite, so only the last term (N2N) is bad."""
+
+    def forward(self, x, t, y=None):
+        v = super().forward(x, t, y)
+        bad = ((t - 0.1).abs() < 1e-6).view(-1, 1).expand_as(v)
+        return torch.where(bad, torch.full_like(v, float("nan")), v)
+
+
 def test_per_term_backward_agrees_on_a_bad_term_before_its_backward():
     """With per-term backward, a non-finite term raises before its own backward on every rank (`agree`
-    sees the verdict), and the terms before it have already put finite gradients in .grad."""
+    sees the verdict), and the terms before it have already put their finite gradients in .grad:
+    exactly the gradients of L_cm + L_fm, with nothing of the bad term."""
     torch.manual_seed(0)
     student = mlp(width=16, depth=1)
-    teacher = NaNTeacher(mean=0.5, std=1.0)
+    teacher = NaNAtRTeacher(mean=0.5, std=1.0)
     obj = decm_objective(nan_policy="skip")
     x1 = teacher.sample(64, torch.Generator().manual_seed(1))
     verdicts = []
-    with pytest.raises(NonFiniteTargetError, match="step skipped"):
+    with pytest.raises(NonFiniteTargetError, match="term 'n2n'.*step skipped"):
         obj(student, teacher, x1, None, 0, torch.Generator().manual_seed(2), backward=True,
             agree=lambda bad: verdicts.append(bad) or bad)
-    assert verdicts and verdicts[-1] is True and not any(verdicts[:-1])
+    assert verdicts == [False, False, True]  # cm, fm fine; n2n bad
+    grads = [p.grad.clone() for p in student.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    # the same two terms without the N2N term, in one backward: the same gradients
+    student.zero_grad()
+    obj.terms[2].weight = 0.0  # inactive
+    loss, stats, _ = obj(student, teacher, x1, None, 0, torch.Generator().manual_seed(2))
+    loss.backward()
+    for g, p in zip(grads, student.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+    obj.terms[2].weight = 1.0
     clean = GaussianTeacher(mean=0.5, std=1.0)
     student.zero_grad()
     loss, stats, _ = obj(student, clean, x1, None, 0, torch.Generator().manual_seed(2), backward=True,

@@ -4,12 +4,21 @@ The official key lists are written out here from the released architectures (wil
 hustvl/LightningDiT; shared/anchors.md), independently of our model code.
 """
 
+import argparse
+
 import pytest
 import torch
 
 from decm import launch
 from decm.models.official import CheckpointFormatError, load_official, map_state_dict
 from decm.models.sit import sit
+
+# What SiT's train.py stores under "args": the argparse.Namespace of its command line (train.py:287).
+SIT_ARGS = argparse.Namespace(data_path="/data/imagenet/train", results_dir="results", model="SiT-XL/2", image_size=256,
+                              num_classes=1000, epochs=1400, global_batch_size=256, global_seed=0, vae="ema",
+                              num_workers=4, log_every=100, ckpt_every=50_000, path_type="Linear",
+                              prediction="velocity", loss_weight=None, sample_eps=None, train_eps=None,
+                              wandb=False, ckpt=None)
 
 
 def official_keys(depth, h, patch, in_ch, classes, tokens, lightning=False, learn_sigma=True):
@@ -64,7 +73,8 @@ def test_xl_velocity_model_has_the_official_names_and_shapes(preset, kwargs, lig
 def test_sit_checkpoint_loads_into_the_student_and_reproduces_the_weights(tmp_path, container):
     keys = official_keys(2, 64, 2, 4, 10, 16)
     state = random_state(keys)
-    obj = {"plain": state, "train_ckpt": {"model": random_state(keys, 1), "ema": state, "opt": {}, "args": None},
+    obj = {"plain": state, "train_ckpt": {"model": random_state(keys, 1), "ema": state, "opt": {},
+                                                             "args": SIT_ARGS},
            "ddp_prefixed": {f"module.{k}": v for k, v in state.items()}}[container]
     path = tmp_path / "SiT.pt"
     torch.save(obj, path)
@@ -76,6 +86,23 @@ def test_sit_checkpoint_loads_into_the_student_and_reproduces_the_weights(tmp_pa
         assert torch.equal(mine[k], v), k
     assert all(k.startswith("s_embedder.") for k in set(mine) - set(state))
     assert torch.count_nonzero(student.s_embedder.mlp[2].weight) == 0  # still the teacher for every s
+
+
+class _Evil:
+    """A class that is not allow-listed: weights-only loading must refuse it (never unpickle it)."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_checkpoint_with_a_foreign_object_is_refused_not_unpickled(tmp_path, capsys):
+    keys = official_keys(2, 64, 2, 4, 10, 16)
+    torch.save({"ema": random_state(keys), "args": _Evil()}, tmp_path / "evil.pt")
+    net = sit("tiny", input_size=8, in_channels=4, num_classes=10, flow_map=False, hidden_size=64, depth=2,
+              learn_sigma=True)
+    with pytest.raises(CheckpointFormatError, match="cannot read"):
+        load_official(str(tmp_path / "evil.pt"), net, "sit")
+    assert "unpickled!" not in capsys.readouterr().out
 
 
 def test_lightningdit_checkpoint_prefers_ema(tmp_path):

@@ -24,7 +24,7 @@ TINY = [
 ]
 
 
-def launch(tmp_path, name, extra=(), gin_file="gin/toy2d.gin"):
+def launch(tmp_path, name, extra=(), gin_file="gin/toy2d_exact_teacher.gin"):
     run_dir = str(tmp_path / name)
     argv = ["--gin", gin_file, "--run-dir", run_dir]
     for b in list(TINY) + list(extra):
@@ -72,7 +72,7 @@ def test_resume_with_different_config_is_refused_unless_forced(tmp_path, capsys)
     rc2, _ = launch(tmp_path, "a", ["losses.n2n_loss.lam = 0.25"])
     assert rc2 == 2
     assert "different gin config" in capsys.readouterr().err
-    argv = ["--gin", "gin/toy2d.gin", "--run-dir", run_dir, "--force"]
+    argv = ["--gin", "gin/toy2d_exact_teacher.gin", "--run-dir", run_dir, "--force"]
     for b in TINY + ["losses.n2n_loss.lam = 0.25"]:
         argv += ["--bind", b]
     assert main(argv) == 0
@@ -80,7 +80,7 @@ def test_resume_with_different_config_is_refused_unless_forced(tmp_path, capsys)
 
 def test_dry_run_trains_nothing(tmp_path, capsys):
     run_dir = str(tmp_path / "dry")
-    assert main(["--gin", "gin/toy2d.gin", "--run-dir", run_dir, "--dry-run"]) == 0
+    assert main(["--gin", "gin/toy2d_exact_teacher.gin", "--run-dir", run_dir, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "distill/train.steps" in out and '"parameters"' in out
     assert not os.path.exists(run_dir)
@@ -88,15 +88,15 @@ def test_dry_run_trains_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--gin", "gin/does_not_exist.gin"], "gin file not found"),
-    (["--gin", "gin/toy2d.gin", "--bind", "train.no_such_arg = 3"], "no_such_arg"),
-    (["--gin", "gin/toy2d.gin", "--bind", "train.dataset = @datasets.no_such_dataset()"], "no_such_dataset"),
-    (["--gin", "gin/toy2d.gin", "--bind", "this is not gin"], "bad gin config"),
-    (["--gin", "gin/toy2d.gin", "--bind", "losses.cm_loss.target = 'wrong'"], "cm_loss.target"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "train.no_such_arg = 3"], "no_such_arg"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "train.dataset = @datasets.no_such_dataset()"], "no_such_dataset"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "this is not gin"], "bad gin config"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "losses.cm_loss.target = 'wrong'"], "cm_loss.target"),
     (["--gin", "gin/quickstart.gin", "--bind", "datasets.digits.image_size = 9"], "not divisible by patch_size"),
-    (["--gin", "gin/toy2d.gin", "--bind", "distill/train.steps = 'many'"], "train.steps must be an integer"),
-    (["--gin", "gin/toy2d.gin", "--bind", "distill/train.batch_size = 0"], "train.batch_size must be ≥ 1"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "distill/train.steps = 'many'"], "train.steps must be an integer"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "distill/train.batch_size = 0"], "train.batch_size must be ≥ 1"),
     (["--gin", "gin/decm_xl.gin", "--bind", "datasets.latents.path = '/nonexistent/in256'"], "set datasets.latents.path"),
-    (["--gin", "gin/toy2d.gin", "--backend", "slurm", "--bind", "cluster.nodes = 0"], "cluster.nodes must be ≥ 1"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--backend", "slurm", "--bind", "cluster.nodes = 0"], "cluster.nodes must be ≥ 1"),
 ])
 def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, argv, needle):
     run_dir = tmp_path / "bad"

@@ -53,7 +53,7 @@ def logs(run_dir):
 
 def test_slurm_tiny_distillation_job_through_the_launcher(tmp_path, capsys):
     run_dir = str(tmp_path / "tiny")
-    argv = ["--gin", "gin/toy2d.gin", "--gin", "gin/cluster/ci_one_node.gin", "--run-dir", run_dir, "--wait"]
+    argv = ["--gin", "gin/toy2d_exact_teacher.gin", "--gin", "gin/cluster/ci_one_node.gin", "--run-dir", run_dir, "--wait"]
     for b in TOY + ["distill/train.steps = 40", "distill/train.ckpt_every_steps = 20"]:
         argv += ["--bind", b]
     assert launch.main(argv) == 0
@@ -66,7 +66,7 @@ def test_slurm_tiny_distillation_job_through_the_launcher(tmp_path, capsys):
 
 def test_slurm_two_task_ddp_job(tmp_path):
     run_dir = str(tmp_path / "ddp")
-    spec = RunSpec(("gin/toy2d.gin",), tuple(TOY + ["distill/train.steps = 30", "distill/train.ckpt_every_steps = 10"]),
+    spec = RunSpec(("gin/toy2d_exact_teacher.gin",), tuple(TOY + ["distill/train.steps = 30", "distill/train.ckpt_every_steps = 10"]),
                    run_dir)
     parse(spec.gin_files, spec.bindings)
     prepare(spec)
@@ -83,11 +83,11 @@ def test_slurm_two_task_ddp_job(tmp_path):
 
 def test_slurm_preemption_twice_requeues_and_ends_identical_to_an_uninterrupted_run(tmp_path):
     bindings = tuple(TOY + ["distill/train.steps = 800", "distill/train.ckpt_every_steps = 50"])
-    ref = RunSpec(("gin/toy2d.gin",), bindings, str(tmp_path / "reference"))
+    ref = RunSpec(("gin/toy2d_exact_teacher.gin",), bindings, str(tmp_path / "reference"))
     prepare(ref)
     run(ref)
 
-    spec = RunSpec(("gin/toy2d.gin",), bindings, str(tmp_path / "preempted"))
+    spec = RunSpec(("gin/toy2d_exact_teacher.gin",), bindings, str(tmp_path / "preempted"))
     parse(spec.gin_files, spec.bindings)
     prepare(spec)
     job = submit(spec, SLURM)

@@ -44,11 +44,21 @@ def robust(err: torch.Tensor, c: float, q: float) -> torch.Tensor:
 
 
 class LogVarianceWeight(nn.Module):
-    """Learned per-time log-variance u(t) for exp(−u)·e + u (sCM / EDM2 adaptive weighting)."""
+    """Learned per-time log-variance u(t) for exp(−u)·e + u (sCM / EDM2 adaptive weighting).
 
-    def __init__(self, features: int = 64):
+    u(t) = Linear(Fourier features of t), zero-initialised (u = 0 at step 0). The Fourier frequencies
+    are a function of `seed` alone (their own generator, never the global RNG, which is drawn before
+    `train.seed` applies), and a saved buffer, so a resumed run reads the ones it trained with.
+
+    Args:
+      features: number of Fourier features (cos and sin halves).
+      seed: seed of the frequency draw.
+    """
+
+    def __init__(self, features: int = 64, seed: int = 0):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(features // 2) * 4.0)
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", torch.randn(features // 2, generator=g) * 4.0)
         self.linear = nn.Linear(features, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
@@ -63,34 +73,51 @@ class CMLoss(LossTerm):
     """L_cm, continuous-time consistency on (t, s = 1) along the teacher ODE.
 
     v̄ = v_φ + (1 − t)·dF⁻/dt, dF⁻/dt = ∇ₓF⁻·v_φ + ∂ₜF⁻ (one JVP, tangent (v_φ, 1, 0) on (x, t, s));
-    g = F⁻ − v̄. Targets: 'plain' F⁻ − g (= v̄); 'facm' F⁻ − α(t)·clamp(g, −κ, κ), α = 1 − t^p;
-    'scm' F⁻ − g/(‖g‖ + c). Per-sample e = mean((F − target)²), then optional weight cos(πt/2),
-    robust normalisation e/sg((e + c)^q), learned log-variance exp(−u(t))·e + u(t).
+    g = F⁻ − v̄. Targets:
+      - 'plain': F⁻ − g (= v̄).
+      - 'facm': F⁻ − α(t)·clamp(g, −κ, κ), α = 1 − t^p (ali-vilab/FACM `losses.py`, `FACMLoss`).
+      - 'scm': F⁻ − g′/(‖g′‖ + c), g′ = cos(πt/2)·g ('cos' tangent weight) or g ('none'). FACM's sCM
+        reimplementation (`losses.py`, `sCMLoss`) multiplies g by cos(πt/2) and divides by the RMS norm
+        ‖g′‖/√D (`g_norm * sqrt(g_norm.numel() / g.numel())`); the sCM paper's Algorithm 1 (Lu & Song
+        2024) divides by the plain L2 norm ‖g′‖ over all D dimensions (`tangent_norm = 'l2'`). On
+        4×32×32 latents the two differ by √4096 = 64×.
+    Reduction of the per-sample e = mean((F − target)²), in FACM's order (`norm_l2_loss(F, target) * beta`):
+    first the robust normalisation e/sg((e + c)^q), then the time weight cos(πt/2), then the optional
+    learned log-variance exp(−u(t))·e + u(t).
 
     Args:
       target: 'facm' (default), 'scm' or 'plain'.
       alpha_power: p in α(t) = 1 − t^p (FACM: 0.5).
       clamp: κ, clamp of g for the FACM target.
       tangent_norm_c: c in g/(‖g‖ + c) for the sCM target (sCM: 0.1).
+      tangent_norm: 'rms' (‖g‖/√D, FACM's sCM code; default) or 'l2' (‖g‖, the sCM paper).
+      tangent_weight: 'cos' (g′ = cos(πt/2)·g before normalising, FACM's sCM code; default) or 'none'.
       warmup_steps: linear warm-up of the JVP term (1 − t)·dF/dt over this many steps (0: off).
       weighting: 'cos' for cos(πt/2) (FACM) or 'none'.
       robust_c: c of the robust normalisation (≤ 0 disables it).
       robust_q: q of the robust normalisation (FACM: 0.5).
       learned_weighting: adds a learned log-variance u(t) (sCM-style adaptive weighting).
+      logvar_seed: seed of the learned weighting's Fourier frequencies.
     """
 
     def __init__(self, target: str = "facm", alpha_power: float = 0.5, clamp: float = 1.0,
-                 tangent_norm_c: float = 0.1, warmup_steps: int = 0, weighting: str = "cos",
-                 robust_c: float = 1e-3, robust_q: float = 0.5, learned_weighting: bool = False):
+                 tangent_norm_c: float = 0.1, tangent_norm: str = "rms", tangent_weight: str = "cos",
+                 warmup_steps: int = 0, weighting: str = "cos", robust_c: float = 1e-3, robust_q: float = 0.5,
+                 learned_weighting: bool = False, logvar_seed: int = 0):
         super().__init__()
         if target not in ("facm", "scm", "plain"):
             raise ValueError(f"cm_loss.target must be 'facm', 'scm' or 'plain', got {target!r}")
         if weighting not in ("cos", "none"):
             raise ValueError(f"cm_loss.weighting must be 'cos' or 'none', got {weighting!r}")
+        if tangent_norm not in ("rms", "l2"):
+            raise ValueError(f"cm_loss.tangent_norm must be 'rms' or 'l2', got {tangent_norm!r}")
+        if tangent_weight not in ("cos", "none"):
+            raise ValueError(f"cm_loss.tangent_weight must be 'cos' or 'none', got {tangent_weight!r}")
         self.kind, self.alpha_power, self.clamp = target, alpha_power, clamp
-        self.tangent_norm_c, self.warmup_steps, self.weighting = tangent_norm_c, warmup_steps, weighting
+        self.tangent_norm_c, self.tangent_norm, self.tangent_weight = tangent_norm_c, tangent_norm, tangent_weight
+        self.warmup_steps, self.weighting = warmup_steps, weighting
         self.robust_c, self.robust_q = robust_c, robust_q
-        self.logvar = LogVarianceWeight() if learned_weighting else None
+        self.logvar = LogVarianceWeight(seed=logvar_seed) if learned_weighting else None
 
     def jvp_terms(self, ctx, t, s):
         """(x_t, v_φ, F⁻, dF⁻/dt) at the consistency point."""
@@ -109,15 +136,24 @@ class CMLoss(LossTerm):
             alpha = 1 - t.clamp_min(0) ** self.alpha_power
             tgt = f_minus - bcast(alpha, x) * g.clamp(-self.clamp, self.clamp)
         else:
-            tgt = f_minus - g / bcast(per_sample_norm(g) + self.tangent_norm_c, x)
+            tgt = f_minus - self.scm_direction(g, t)
         ctx.record("cm/residual_norm", per_sample_norm(g).mean())
         return x, tgt
 
+    def scm_direction(self, g, t):
+        """g′/(‖g′‖ + c) with g′ = cos(πt/2)·g (or g) and ‖·‖ the RMS or the L2 norm over all dimensions."""
+        if self.tangent_weight == "cos":
+            g = bcast(torch.cos(0.5 * math.pi * t), g) * g
+        norm = per_sample_norm(g)
+        if self.tangent_norm == "rms":
+            norm = norm / math.sqrt(g[0].numel())
+        return g / bcast(norm + self.tangent_norm_c, g)
+
     def reduce(self, err, t):
-        if self.weighting == "cos":
-            err = torch.cos(0.5 * math.pi * t).to(err) * err
         if self.robust_c > 0:
             err = robust(err, self.robust_c, self.robust_q)
+        if self.weighting == "cos":
+            err = torch.cos(0.5 * math.pi * t).to(err) * err
         if self.logvar is not None:
             u = self.logvar(t).to(err)
             err = torch.exp(-u) * err + u
@@ -135,17 +171,31 @@ class CMLoss(LossTerm):
         return per_sample_mse(pred, v), per_sample_mse(pred, v_tilde)
 
 
+class _CMPart(CMLoss):
+    """Base of the two analysis parts: they take no options (no target, weighting or normalisation applies)."""
+
+    def __init__(self):
+        super().__init__(target="plain", weighting="none", robust_c=0.0)
+
+
 @register("losses", "cm_supervised")
-class CMSupervised(CMLoss):
-    """Supervised part of L_cm: ‖F(x_t, t, 1) − v_φ(x_t, t)‖² (analysis; same options as cm_loss)."""
+class CMSupervised(_CMPart):
+    """Supervised part of the plain L_cm: ‖F(x_t, t, 1) − v_φ(x_t, t)‖², unweighted (analysis).
+
+    Takes no options: the parts are defined for the 'plain' target without time weight, robust
+    normalisation or learned weighting (a gin binding of one of cm_loss's options here is an error).
+    """
 
     def forward(self, ctx, t, s):
         return self.parts(ctx, t, s)[0]
 
 
 @register("losses", "cm_selfsupervised")
-class CMSelfSupervised(CMLoss):
-    """Self-supervised part of L_cm: ‖F − sg(F⁻ + (1 − t)·dF⁻/dt)‖² — the term that diverges."""
+class CMSelfSupervised(_CMPart):
+    """Self-supervised part of the plain L_cm: ‖F − sg(F⁻ + (1 − t)·dF⁻/dt)‖², unweighted — the term that diverges.
+
+    Takes no options (see cm_supervised).
+    """
 
     def forward(self, ctx, t, s):
         return self.parts(ctx, t, s)[1]
@@ -194,7 +244,9 @@ class N2NLoss(LossTerm):
       gamma: γ (paper: 1).
       tangent: an n2n_variants tangent function (default: the derived (γv, γ, −λ)).
       w_prime: w′(r, t), a constant (not recovered from the paper; default 1).
-      form: 'continuous' (default) or 'discrete'.
+      form: 'continuous' (default) or 'discrete'. The discrete form uses none of lam, gamma,
+        tangent and w_prime: setting any of them away from its default with form='discrete' is an
+        error that names it (and discrete_dt away from its default with the continuous form).
       discrete_dt: t − t′ for the discrete form.
       robust_c: c of an optional robust normalisation (≤ 0: off, the default).
       robust_q: q of the robust normalisation.
@@ -206,6 +258,15 @@ class N2NLoss(LossTerm):
         super().__init__()
         if form not in ("continuous", "discrete"):
             raise ValueError(f"n2n_loss.form must be 'continuous' or 'discrete', got {form!r}")
+        if form == "discrete":
+            ignored = [name for name, value, default in (("lam", lam, 0.5), ("gamma", gamma, 1.0),
+                                                         ("tangent", tangent, tangent_derived), ("w_prime", w_prime, 1.0))
+                       if value != default]
+        else:
+            ignored = ["discrete_dt"] if discrete_dt != 0.02 else []
+        if ignored:
+            raise ValueError(f"n2n_loss: {', '.join(ignored)} not used by form={form!r}; unbind "
+                             f"{' and '.join('losses.n2n_loss.' + n for n in ignored)}")
         self.lam, self.gamma, self.tangent, self.w_prime = lam, gamma, tangent, w_prime
         self.form, self.discrete_dt, self.robust_c, self.robust_q = form, discrete_dt, robust_c, robust_q
 

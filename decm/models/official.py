@@ -2,7 +2,8 @@
 
 Formats (as released):
   - SiT (`SiT-XL-2-256x256.pt`, willisma/SiT): the EMA state dict itself, or a training checkpoint
-    `{'model', 'ema', 'opt', 'args'}`. Keys: `x_embedder.proj.*`, `t_embedder.mlp.{0,2}.*`,
+    `{'model', 'ema', 'opt', 'args'}` whose `args` is an `argparse.Namespace` (allow-listed for
+    weights-only loading, `SAFE_GLOBALS`). Keys: `x_embedder.proj.*`, `t_embedder.mlp.{0,2}.*`,
     `y_embedder.embedding_table.weight` (1001 rows: 1000 classes + the CFG null class), `pos_embed`,
     `blocks.{i}.{norm1?,attn.qkv,attn.proj,mlp.fc1,mlp.fc2,adaLN_modulation.1}.*`,
     `final_layer.{linear,adaLN_modulation.1}.*`. learn_sigma=True: the final layer predicts 8 channels
@@ -17,11 +18,16 @@ Prefixes `module.` (DDP) and `_orig_mod.` (torch.compile) are stripped. Our stud
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
 
 FORMATS = ("sit", "lightningdit", "decm")
+# Non-tensor objects the released training checkpoints legitimately hold, allowed for weights-only
+# unpickling (never a fallback to full unpickling): SiT's `train.py` saves `"args": args`, an
+# argparse.Namespace of primitives.
+SAFE_GLOBALS = (argparse.Namespace,)
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -99,7 +105,8 @@ def load_official(path: str, model: torch.nn.Module, fmt: str = "sit") -> torch.
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher checkpoint not found: {path} (set experiment.teacher_dir)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — any unpickling problem is a bad file
         raise CheckpointFormatError(f"cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
     state = map_state_dict(extract_state_dict(obj, fmt), model)

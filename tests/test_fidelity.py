@@ -1,0 +1,224 @@
+"""Peers' arithmetic, checked against values computed by hand from their code.
+
+- CFG on three channels: willisma/SiT `models.py` and hustvl/LightningDiT `lightningdit.py`
+  `forward_with_cfg` (`eps, rest = model_out[:, :3], model_out[:, 3:]`).
+- FACM's CM loss: ali-vilab/FACM `losses.py`, `cm_loss = norm_l2_loss(F_avg, target) * beta`.
+- sCM: FACM's `sCMLoss` (g = cos(πt/2)·(F⁻ − v̄), RMS norm `g_norm * sqrt(g_norm.numel() / g.numel())`);
+  the sCM paper's plain L2 norm as the 'l2' option.
+"""
+
+import math
+
+import gin
+import pytest
+import torch
+
+from decm.method.guidance import CFG
+from decm.method.losses import CMLoss, CMSelfSupervised, CMSupervised, LogVarianceWeight, N2NLoss
+from decm.method.n2n import tangent_note
+from decm.method.teachers import NetworkTeacher
+from decm.models.sit import sit
+from decm.sampling import TeacherEuler, TeacherHeun
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64, so the batched (CFG) and unbatched forwards agree to ~1e-13 and comparisons can be tight."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def random_teacher(in_channels=4, learn_sigma=False, seed=0):
+    """A tiny SiT velocity teacher with every weight random (the zero-initialised layers included)."""
+    torch.manual_seed(seed)
+    net = sit("tiny", input_size=8, in_channels=in_channels, num_classes=10, flow_map=False, hidden_size=64,
+              depth=2, learn_sigma=learn_sigma)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    return NetworkTeacher(net)
+
+
+def official_forward_with_cfg(teacher, x, t, y, cfg_scale):
+    """Independent re-implementation of the official SiT `forward_with_cfg` on one (x, t, y) batch.
+
+    half = x; combined = [half, half]; labels [y, null]; model_out = forward(combined);
+    eps, rest = model_out[:, :3], model_out[:, 3:]; half_eps = uncond + s·(cond − uncond);
+    output channels: [half_eps, rest of the conditional half].
+    """
+    combined = torch.cat([x, x], 0)
+    labels = torch.cat([y, torch.full_like(y, teacher.num_classes)], 0)
+    model_out = teacher(combined, torch.cat([t, t], 0), labels)
+    eps, rest = model_out[:, :3], model_out[:, 3:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([half_eps, rest[: len(x)]], dim=1)
+
+
+def batch(n=6, channels=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.rand(n, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, t, y
+
+
+def test_three_channel_cfg_equals_the_official_formula():
+    teacher = random_teacher()
+    x, t, y = batch()
+    ours = CFG(scale=4.0, guided_channels=3)(teacher, x, t, y)
+    official = official_forward_with_cfg(teacher, x, t, y, 4.0)
+    assert torch.allclose(ours, official, atol=1e-12, rtol=0)
+    v_c = teacher(x, t, y)
+    assert torch.allclose(ours[:, 3:], v_c[:, 3:], atol=1e-12, rtol=0)  # channel 3 stays conditional
+    everything = CFG(scale=4.0)(teacher, x, t, y)
+    assert (everything[:, 3] - official[:, 3]).abs().max() > 0.1  # all-channel guidance is a different field
+
+
+def test_official_cfg_with_learned_sigma_teacher_guides_channels_0_to_2():
+    """SiT-XL/2 style: 8 output channels, the velocity is the first 4 (our backbone returns those)."""
+    teacher = random_teacher(learn_sigma=True)
+    x, t, y = batch()
+    ours = CFG(scale=1.5, guided_channels=3)(teacher, x, t, y)
+    assert ours.shape == x.shape
+    assert torch.allclose(ours, official_forward_with_cfg(teacher, x, t, y, 1.5), atol=1e-12, rtol=0)
+
+
+def test_all_channel_cfg_is_unchanged():
+    """guided_channels = None keeps the formula v_c + (w − 1)·Δ on every channel, bit for bit."""
+    teacher = random_teacher()
+    x, t, y = batch()
+    v_c, v_u = teacher(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)])).chunk(2)
+    assert torch.equal(CFG(scale=1.75)(teacher, x, t, y), v_c + 0.75 * (v_c - v_u))
+
+
+def test_clip_uses_the_guided_channels_only():
+    teacher = random_teacher()
+    x, t, y = batch()
+    eta, w = 0.5, 3.0
+    v_c, v_u = teacher(x, t, y), teacher(x, t, torch.full_like(y, 10))
+    delta3 = (v_c - v_u)[:, :3]
+    factor = torch.clamp(eta / delta3.flatten(1).norm(dim=1), max=1.0).view(-1, 1, 1, 1)
+    expected = torch.cat([v_c[:, :3] + (w - 1) * factor * delta3, v_c[:, 3:]], 1)
+    ours = CFG(scale=w, clip_norm=eta, guided_channels=3)(teacher, x, t, y)
+    assert (factor < 1).any()  # the clip is active on some samples
+    assert torch.allclose(ours, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("sampler_cls,nfe", [(TeacherEuler, 4), (TeacherHeun, 4)])
+def test_teacher_samplers_use_the_guided_channels(sampler_cls, nfe):
+    teacher = random_teacher()
+    x, _, y = batch()
+    sampler = sampler_cls(guidance=CFG(scale=2.0, guided_channels=3))
+    ours = sampler(teacher, x, y, nfe=nfe)
+
+    class Official:  # the same sampler stepping with the official formula
+        def __call__(self, net, xx, tt, yy):
+            return official_forward_with_cfg(net, xx, tt, yy, 2.0)
+
+    reference = sampler_cls(guidance=Official())(teacher, x, y, nfe=nfe)
+    assert torch.allclose(ours, reference, atol=1e-10, rtol=0)
+    assert not torch.allclose(ours, sampler_cls(guidance=CFG(scale=2.0))(teacher, x, y, nfe=nfe), atol=1e-3)
+
+
+def test_guided_channels_bad_values():
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="guided_channels"):
+            CFG(guided_channels=bad)
+    teacher = random_teacher()
+    x, t, y = batch()
+    with pytest.raises(ValueError, match="at least 5 channels"):
+        CFG(scale=2.0, guided_channels=5)(teacher, x, t, y)
+
+
+def test_facm_cm_reduction_normalises_then_weights_by_time():
+    """FACM: e / (e + c)^q, then × cos(πt/2). e = 4, t = 0.5, c = 1e-3, q = 0.5:
+    4 / sqrt(4.001) · cos(π/4) = 1.4140368, where weighting first gives cos(π/4)·4 / sqrt(2.8294) = 1.68159."""
+    loss = CMLoss()  # FACM defaults: cos weighting, robust c = 1e-3, q = 0.5
+    got = loss.reduce(torch.tensor([4.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64))
+    by_hand = 4.0 / math.sqrt(4.001) * math.cos(math.pi / 4)
+    assert abs(by_hand - 1.4140368) < 1e-6
+    assert abs(float(got) - by_hand) < 1e-12
+
+
+class StubCtx:
+    """A context with fixed x, v, F⁻ and dF⁻/dt, so a target can be computed by hand."""
+
+    def __init__(self, x, v, f_minus, df_dt, step=10**9):
+        self.x, self.v, self.f_minus, self.df_dt, self.step = x, v, f_minus, df_dt, step
+
+    def point(self, t):
+        return self.x
+
+    def velocity(self, x, t):
+        return self.v
+
+    def jvp(self, x, t, s, dx, dt, ds):
+        return self.f_minus, self.df_dt
+
+    def record(self, name, value):
+        pass
+
+
+def scm_case(t_value):
+    """One 4×32×32 sample (D = 4096) with residual g = F⁻ − (v + (1 − t)·dF/dt) = 2 everywhere."""
+    shape = (1, 4, 32, 32)
+    f_minus = torch.full(shape, 3.0, dtype=torch.float64)
+    v = torch.full(shape, 1.0, dtype=torch.float64)
+    df_dt = torch.zeros(shape, dtype=torch.float64)
+    return StubCtx(torch.zeros(shape, dtype=torch.float64), v, f_minus, df_dt), torch.tensor([t_value],
+                                                                                               dtype=torch.float64)
+
+
+@pytest.mark.parametrize("norm,weight,t_value,expected_step", [
+    # FACM sCMLoss: g′ = cos(πt/2)·g; rms(g′) = |g′|; step g′/(rms + 0.1)
+    ("rms", "cos", 0.0, 2.0 / (2.0 + 0.1)),                                   # 0.952381
+    ("rms", "cos", 0.5, 2 * math.cos(math.pi / 4) / (2 * math.cos(math.pi / 4) + 0.1)),  # 0.933959
+    # the sCM paper: the L2 norm over all D = 4096 dims is 64 × the RMS
+    ("l2", "none", 0.5, 2.0 / (2.0 * 64 + 0.1)),                              # 0.0156128
+])
+def test_scm_target_by_hand(norm, weight, t_value, expected_step):
+    ctx, t = scm_case(t_value)
+    _, target = CMLoss(target="scm", tangent_norm=norm, tangent_weight=weight).target(ctx, t, torch.ones_like(t))
+    # target = F⁻ − step: F⁻ = 3 everywhere
+    assert torch.allclose(3.0 - target, torch.full_like(target, expected_step), atol=1e-12)
+
+
+def test_scm_default_is_facms_rms_norm_with_cos_weight():
+    ctx, t = scm_case(0.5)
+    default = CMLoss(target="scm").target(ctx, t, torch.ones_like(t))[1]
+    explicit = CMLoss(target="scm", tangent_norm="rms", tangent_weight="cos").target(ctx, t, torch.ones_like(t))[1]
+    assert torch.equal(default, explicit)
+
+
+def test_log_variance_frequencies_are_a_function_of_the_seed():
+    torch.manual_seed(1)
+    a = LogVarianceWeight(seed=0)
+    torch.manual_seed(2)
+    b = LogVarianceWeight(seed=0)
+    assert torch.equal(a.freqs, b.freqs)
+    assert not torch.equal(a.freqs, LogVarianceWeight(seed=1).freqs)
+    assert "logvar.freqs" in CMLoss(learned_weighting=True).state_dict()
+
+
+def test_cm_parts_take_no_options():
+    CMSupervised(), CMSelfSupervised()
+    with pytest.raises(TypeError):
+        CMSupervised(learned_weighting=True)
+    from decm.registry import import_all
+
+    import_all()
+    with pytest.raises(ValueError, match="learned_weighting"):
+        gin.parse_config("losses.cm_selfsupervised.learned_weighting = True")
+
+
+@pytest.mark.parametrize("kwargs,named", [({"lam": 0.0}, "lam"), ({"gamma": 0.5}, "gamma"),
+                                          ({"tangent": tangent_note}, "tangent"), ({"w_prime": 0.5}, "w_prime")])
+def test_discrete_n2n_refuses_the_options_it_does_not_use(kwargs, named):
+    with pytest.raises(ValueError, match=f"n2n_loss: {named} not used by form='discrete'"):
+        N2NLoss(form="discrete", **kwargs)
+    N2NLoss(form="discrete")  # defaults are fine
+    with pytest.raises(ValueError, match="discrete_dt not used by form='continuous'"):
+        N2NLoss(discrete_dt=0.05)
