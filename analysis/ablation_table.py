@@ -46,7 +46,8 @@ TEACHER_COLUMNS = {("chain", 1): 1, ("chain", 2): 2, ("chain", 4): 4, ("chain", 
 DISTILLED = ["fm_only", "cd_only", "fm_cd", "fm_n2n", "decm", "scm", "meanflow"]
 
 
-def row_spec(benchmark: str, row: str, seed: int, steps: int | None, runs_root: str, extra=()):
+def row_spec(benchmark: str, row: str, seed: int, steps: int | None, runs_root: str, extra=(), name: str | None = None):
+    """The RunSpec of one row and seed (`name` labels the run directory; default: the row)."""
     from decm.job import RunSpec
 
     gin_file = BENCHMARKS[benchmark][0]
@@ -60,7 +61,7 @@ def row_spec(benchmark: str, row: str, seed: int, steps: int | None, runs_root: 
         if steps:
             bindings.append(f"distill/train.steps = {steps}")
     gin_files, bindings = (gin_file, f"gin/ablations/{row}.gin"), tuple(bindings) + tuple(extra)
-    run_dir = os.path.join(runs_root, benchmark, f"{row}-seed{seed}-{config_key(gin_files, bindings)}")
+    run_dir = os.path.join(runs_root, benchmark, f"{name or row}-seed{seed}-{config_key(gin_files, bindings)}")
     return RunSpec(gin_files, bindings, run_dir, force=True)
 
 

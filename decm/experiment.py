@@ -6,13 +6,14 @@ distillation; unscoped `train.*` bindings apply to both.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 
 import gin
 
-from decm import distributed, preemption
+from decm import distributed, preemption, run_lock
 from decm.eval.evaluate import evaluate
 from decm.train import train
 
@@ -55,6 +56,10 @@ def experiment(
 ):
     """Runs the stages in order and writes `summary.json` in the run directory.
 
+    Rank 0 holds the run directory's lock (decm.run_lock) for all stages: a second launch into the same
+    directory is refused, and a launch that needs the shared cached teacher while another process
+    pretrains it waits for that teacher instead of training it twice.
+
     Args:
       run_dir: the distillation run directory.
       build_only: build every object of every stage (models on the meta device), run nothing.
@@ -69,6 +74,9 @@ def experiment(
     teacher_ckpt = teacher_dir or None
     rank = (distributed.env_ranks() or (0, 1, 0))[0]
     tracker = None
+    locks = contextlib.ExitStack()
+    if not build_only and rank == 0:
+        locks.enter_context(run_lock.hold(run_dir))
     if not build_only:
         from decm.wandb_log import Tracker
 
@@ -76,7 +84,9 @@ def experiment(
     try:
         if "teacher" in stages:
             teacher_ckpt = teacher_dir or os.path.join(cache_root, f"teacher-{teacher_key(gin.config_str())}")
-            with gin.config_scope("teacher"):
+            teacher_lock = (run_lock.hold(teacher_ckpt, wait=True, what="teacher")
+                            if not build_only and rank == 0 else contextlib.nullcontext())
+            with teacher_lock, gin.config_scope("teacher"):
                 summary["teacher"] = train(run_dir=teacher_ckpt, stage="teacher", build_only=build_only,
                                            tracker=tracker)
         if "distill" in stages:
@@ -101,6 +111,7 @@ def experiment(
     finally:
         if tracker is not None:
             tracker.finish()
+        locks.close()
     return summary
 
 

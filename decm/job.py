@@ -14,6 +14,7 @@ import sys
 import gin
 
 from decm import registry
+from decm.run_lock import RunLocked
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,7 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError)  # what a CLI reports in one line
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, RunLocked)  # what a CLI reports in one line
 
 
 def cli_error(prog: str, e: BaseException) -> int:
@@ -61,6 +62,9 @@ def parse(gin_files, bindings) -> str:
     for path in gin_files:
         if not os.path.isfile(path):
             raise ConfigError(f"gin file not found: {path}")
+    if gin_files and all(os.path.basename(os.path.dirname(os.path.abspath(p))) == "ablations" for p in gin_files):
+        raise ConfigError(f"{gin_files[0]} is an ablation diff, not an experiment: put a benchmark gin before it, "
+                          f"e.g. --gin gin/toy2d.gin --gin {gin_files[0]}")
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(bindings), skip_unknown=False,
@@ -86,8 +90,23 @@ def build(run_dir: str, require_inputs: bool = False) -> dict:
         raise ConfigError(one_line(e)) from None
     missing = [m for stage in summary.values() if isinstance(stage, dict) for m in stage.get("missing_inputs", [])]
     if require_inputs and missing:
-        raise ConfigError(missing[0])
+        raise ConfigError(missing_inputs_message(missing))
     return summary
+
+
+# The gin binding that sets each kind of input, as a --bind example.
+_INPUT_BINDINGS = (("datasets.latents.path", "--bind \"datasets.latents.path = '/path/to/latents'\""),
+                   ("experiment.teacher_dir", "--bind \"experiment.teacher_dir = '/path/to/teacher.pt'\""))
+
+
+def missing_inputs_message(missing: list[str]) -> str:
+    """All missing inputs on one line, each with the --bind line that sets it, and a pointer to --dry-run."""
+    parts = []
+    for i, m in enumerate(dict.fromkeys(missing), 1):
+        bind = next((b for key, b in _INPUT_BINDINGS if key in m), None)
+        parts.append(f"({i}) {m}" + (f" → {bind}" if bind else ""))
+    return (f"{len(parts)} missing input(s): " + "; ".join(parts) +
+            ". Check a configuration without its inputs with --dry-run")
 
 
 def without_cluster(config: str) -> str:
@@ -120,6 +139,9 @@ def prepare(spec: RunSpec) -> str:
     """
     config = parse(spec.gin_files, spec.bindings)
     build(spec.run_dir, require_inputs=True)
+    from decm import run_lock
+
+    run_lock.check_free(spec.run_dir)  # a live launch holds it: refuse before writing anything
     snap = os.path.join(spec.run_dir, "config.gin")
     if os.path.exists(snap):
         with open(snap) as f:

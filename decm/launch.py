@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     from decm import registry
     from decm.cluster import cluster, folder_for, sbatch_script, submit, with_backend
     from decm.distributed import env_ranks
-    from decm.job import USER_ERRORS, RunSpec, build, cli_error, parse, prepare, run, wait_for_snapshot
+    from decm.job import USER_ERRORS, ConfigError, RunSpec, build, cli_error, parse, prepare, run, wait_for_snapshot
 
     if args.list:
         print(registry.listing())
@@ -69,6 +70,10 @@ def main(argv=None) -> int:
             elif resources.backend == "local-subprocess":
                 print(f"\n# submitit LocalExecutor: {resources.tasks} task(s), timeout {resources.timeout_min} min")
             return 0
+        if resources.backend == "slurm" and shutil.which("sbatch") is None:
+            build(run_dir, require_inputs=True)  # missing inputs first: they are the user's to fix either way
+            raise ConfigError("backend 'slurm' needs Slurm (sbatch not found on PATH on this machine); run here with "
+                              "--backend local, or see the sbatch script with --dry-run")
         rank = (env_ranks() or (0, 1, 0))[0]
         if rank == 0:
             prepare(spec)

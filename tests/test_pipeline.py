@@ -97,6 +97,11 @@ def test_dry_run_trains_nothing(tmp_path, capsys):
     (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "distill/train.batch_size = 0"], "train.batch_size must be ≥ 1"),
     (["--gin", "gin/decm_xl.gin", "--bind", "datasets.latents.path = '/nonexistent/in256'"], "set datasets.latents.path"),
     (["--gin", "gin/toy2d_exact_teacher.gin", "--backend", "slurm", "--bind", "cluster.nodes = 0"], "cluster.nodes must be ≥ 1"),
+    (["--gin", "gin/ablations/fm_cd.gin"], "is an ablation diff, not an experiment: put a benchmark gin before it"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "losses.n2n_loss.form = 'discrete'",
+      "--bind", "losses.n2n_loss.lam = 0.0"], "lam not used by form='discrete'"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "losses.cm_supervised.robust_c = 1.0"], "robust_c"),
+    (["--gin", "gin/decm_xl.gin"], "2 missing input(s): (1) latents path is not set"),
 ])
 def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, argv, needle):
     run_dir = tmp_path / "bad"
@@ -105,6 +110,30 @@ def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, argv, needle):
     assert proc.returncode == 2, proc.stderr
     err_lines = [l for l in proc.stderr.splitlines() if l.startswith("decm.launch: error:")]
     assert len(err_lines) == 1 and needle in err_lines[0], proc.stderr
+    assert not run_dir.exists()
+
+
+def test_xl_launch_names_every_missing_input_with_its_bind_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "decm.launch", "--gin", "gin/decm_xl.gin", "--run-dir",
+                           str(tmp_path / "xl")], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    for needle in ("--bind \"datasets.latents.path = '/path/to/latents'\"",
+                   "--bind \"experiment.teacher_dir = '/path/to/teacher.pt'\"", "--dry-run"):
+        assert needle in line, line
+    assert not (tmp_path / "xl").exists()
+
+
+def test_slurm_backend_without_slurm_is_one_line_and_creates_nothing(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))  # no sbatch anywhere on PATH
+    run_dir = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "decm.launch", "--gin", "gin/toy2d_exact_teacher.gin", "--backend",
+                           "slurm", "--run-dir", str(run_dir)], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("decm.launch: error: backend 'slurm' needs Slurm")
+    assert "--backend local" in proc.stderr and "Traceback" not in proc.stderr
     assert not run_dir.exists()
 
 
