@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -233,7 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--cluster-gin", default=None, help="gin file with cluster.* resources for submitted rows")
     p.add_argument("--bind", action="append", default=[], help="extra gin binding for every row (repeatable)")
     p.add_argument("--runs-root", default="runs/ablations", help="where the row runs live")
-    p.add_argument("--out", default=None, help="output dir (default analysis/results/ablation-<benchmark>)")
+    p.add_argument("--out", default=None, help="output directory (default: a fresh runs/analysis/ablation-<benchmark>-"
+                                               "<time>; committed references under analysis/results/ are replaced "
+                                               "only when given here)")
     args = p.parse_args(argv)
     sys.path.insert(0, os.getcwd())
     extended = [r for r in EXTENDED if BENCHMARKS[args.benchmark][2] or r not in CLIP_ROWS] if args.extended else []
@@ -263,7 +266,7 @@ def main(argv=None) -> int:
     metric = BENCHMARKS[args.benchmark][1]
     table = aggregate(results, rows, seeds, specs, metric)
     rels = relations(table)
-    out = args.out or os.path.join("analysis", "results", f"ablation-{args.benchmark}")
+    out = args.out or os.path.join("runs", "analysis", time.strftime(f"ablation-{args.benchmark}-%Y%m%d-%H%M%S"))
     print(write_outputs(table, rels, results, out, args.benchmark, metric, seeds, rows))
     print(f"\n→ {out}/table.md, table.csv, relations.json, results.json, plot.png")
     return 0

@@ -1,10 +1,10 @@
 """Error-accumulation study: where along a few-step trajectory does the error come from, and does N2N
 reduce the first hop's error?
 
-    python analysis/error_accumulation.py [--benchmark toy2d] [--runs RUN_DIR ...] [--nfe 1 2 4 8]
+    python analysis/error_accumulation.py [--runs RUN_DIR ...] [--nfe 1 2 4 8] [--out DIR]
 
 For each run (default: the ablation runs `fm_cd` (no N2N) and `decm` (with N2N) under
-runs/ablations/<benchmark>/, trained here with the benchmark's settings if absent) and each sampler:
+runs/ablations/toy2d_exact/ on the exact-teacher benchmark, trained here with its settings if absent) and each sampler:
   - chain (flow map f(x_k, t_k, t_{k+1})) and euler_instant (Euler on F(x, t, t)): at every hop the
     RMS distance between the sampled state and the exact trajectory point x*(t_{k+1}) from the same
     noise (accumulated error), and the error of that hop started from the exact point x*(t_k) (local
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -210,7 +211,8 @@ def ensure_runs(benchmark: str, runs_root: str, steps: int | None, extra=()) -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--benchmark", default="toy2d", choices=["toy2d"], help="2-D benchmark with an exact teacher")
+    p.add_argument("--benchmark", default="toy2d_exact", choices=["toy2d_exact"],
+                   help="2-D benchmark with an exact teacher (gin/toy2d_exact_teacher.gin)")
     p.add_argument("--runs", nargs="+", default=None, help="run directories (label = directory name)")
     p.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--n", type=int, default=2000, help="trajectories per measurement")
@@ -219,7 +221,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps when the default runs must be trained")
     p.add_argument("--bind", action="append", default=[], help="extra binding when training the default runs")
     p.add_argument("--runs-root", default="runs/ablations")
-    p.add_argument("--out", default=None, help="default analysis/results/error_accumulation-<benchmark>")
+    p.add_argument("--out", default=None, help="output directory (default: a fresh runs/analysis/error_accumulation-"
+                                               "<time>; the committed reference is analysis/results/"
+                                               "error_accumulation-toy2d, replaced only when given here)")
     args = p.parse_args(argv)
     sys.path.insert(0, os.getcwd())
     try:
@@ -234,7 +238,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error_accumulation: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join("analysis", "results", f"error_accumulation-{args.benchmark}")
+    out = args.out or os.path.join("runs", "analysis", time.strftime("error_accumulation-%Y%m%d-%H%M%S"))
     print(write_outputs(results, out, args.nfe))
     print(f"\n→ {out}/table.md, table.csv, results.json, hop_errors.png, final_vs_nfe.png")
     return 0

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -57,8 +58,14 @@ def config_spec(benchmark, name, steps, seed, runs_root, extra=()):
                 "train.progress = False", f"wandb.group = 'loss-divergence-{benchmark}'", f"wandb.tags = ['{name}']"]
     if benchmark == "digits":
         bindings.insert(0, "experiment.stages = ('teacher', 'distill')")
-    return RunSpec((BENCHMARKS[benchmark], f"gin/ablations/{row}.gin"), tuple(bindings + binds + list(extra)),
-                   os.path.join(runs_root, benchmark, f"{name}-seed{seed}"), force=True)
+    gin_files, bindings = (BENCHMARKS[benchmark], f"gin/ablations/{row}.gin"), tuple(bindings + binds + list(extra))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ablation_table import config_key
+
+    # the directory depends on every setting (steps, bindings, gin contents): a rerun with new settings
+    # trains anew instead of resuming a run made with other settings
+    return RunSpec(gin_files, bindings, os.path.join(runs_root, benchmark,
+                                                     f"{name}-seed{seed}-{config_key(gin_files, bindings)}"), force=True)
 
 
 def running_median_events(values, window: int, factor: float) -> np.ndarray:
@@ -169,7 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--loss-factor", type=float, default=3.0, help="loss event: loss > factor × running median")
     p.add_argument("--grad-factor", type=float, default=5.0, help="gradient event: norm > factor × running median")
     p.add_argument("--runs-root", default="runs/analysis/loss_divergence")
-    p.add_argument("--out", default=None, help="default analysis/results/loss_divergence-<benchmark>")
+    p.add_argument("--out", default=None, help="output directory (default: a fresh runs/analysis/loss_divergence-"
+                                               "<benchmark>-<time>; the committed reference is "
+                                               "analysis/results/loss_divergence-toy2d, replaced only when given here)")
     args = p.parse_args(argv)
     sys.path.insert(0, os.getcwd())
     from decm.tracking import read_stats
@@ -201,7 +210,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"loss_divergence: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join("analysis", "results", f"loss_divergence-{args.benchmark}")
+    out = args.out or os.path.join("runs", "analysis", time.strftime(f"loss_divergence-{args.benchmark}-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     named = {n: read_stats(d) for n, d in dirs.items()}
     summaries = {n: analyse(st, args.window, args.loss_factor, args.grad_factor) for n, st in named.items()}

@@ -148,9 +148,19 @@ def validate(spec: SweepSpec) -> None:
             parse(spec.gin_files, tuple(spec.bindings) + tuple(extra))
             build("/nonexistent/sweep-validation")
         except ConfigError as e:
-            raise SweepError(f"space binding {extra[0]!r}: {e}") from None
+            raise SweepError(f"with the space's values {'; '.join(extra)}: {e}") from None
     if not spec.metric:
         raise SweepError("--metric must name a metrics.json entry, e.g. student.1.sw2")
+    import gin
+
+    from decm.eval.evaluate import metric_paths
+
+    parse(spec.gin_files, spec.bindings)
+    dataset = gin.query_parameter("evaluate.dataset").scoped_configurable_fn()
+    produced = metric_paths(dataset)
+    if spec.metric not in produced:
+        raise SweepError(f"--metric {spec.metric!r} is not produced by this experiment's evaluation; it writes "
+                         f"{', '.join(produced)}")
 
 
 def storage_for(spec: SweepSpec, workers: int = 1):
@@ -171,11 +181,18 @@ def storage_for(spec: SweepSpec, workers: int = 1):
     return optuna.storages.RDBStorage(spec.storage)
 
 
+def startup_trials(trials: int) -> int:
+    """Random trials before TPE models the space: half the study, at least 3 (TPE's density estimates need a
+    few points, and a 4-trial study should not repeat one random draw's categories), at most Optuna's
+    default of 10."""
+    return min(10, max(3, trials // 2))
+
+
 def load_study(spec: SweepSpec, worker: int = 0, workers: int = 1):
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=spec.seed + worker, constant_liar=True,
-                                         n_startup_trials=min(5, max(1, spec.trials // 3)))
+                                         n_startup_trials=startup_trials(spec.trials))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0) if spec.report_every else \
         optuna.pruners.NopPruner()
     return optuna.create_study(study_name=spec.study, storage=storage_for(spec, workers), sampler=sampler,
@@ -268,9 +285,11 @@ def worker(spec: SweepSpec, index: int = 0, workers: int = 1) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = load_study(spec, index, workers)
-    me, ran = worker_identity(), 0
+    me, ran, failed = worker_identity(), 0, 0
     max_failures = max(3, spec.trials)
-    while finished(study) + running(study) < spec.trials:  # others' running trials count (no overshoot)
+    # others' running trials count (no overshoot); this worker's failures count too, so one worker runs
+    # exactly `trials` trials per command (a rerun retries what failed)
+    while finished(study) + running(study) + failed < spec.trials:
         if sum(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False)) >= max_failures:
             print(f"[sweep] worker {index}: {max_failures} failed trials, stopping", file=sys.stderr, flush=True)
             break
@@ -281,9 +300,11 @@ def worker(spec: SweepSpec, index: int = 0, workers: int = 1) -> int:
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
         except Exception as e:  # noqa: BLE001 — a failing trial must not stop the sweep
-            print(f"[sweep] worker {index} ({me}): trial {trial.number} failed: {type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr, flush=True)
+            cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"[sweep] worker {index} ({me}): trial {trial.number} failed: {cause}", file=sys.stderr, flush=True)
+            trial.set_user_attr("error", cause)
             study.tell(trial, state=TrialState.FAIL)
+            failed += 1
         ran += 1
     return ran
 
@@ -335,8 +356,12 @@ def finalize(spec: SweepSpec) -> dict:
     study = load_study(spec)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     states = {s.name: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
-    summary = {"study": spec.study, "states": {k: v for k, v in states.items() if v}, "best": None}
+    summary = {"study": spec.study, "states": {k: v for k, v in states.items() if v}, "best": None, "files": []}
     write_trials_csv(study, os.path.join(spec.sweep_dir, "trials.csv"))
+    summary["files"].append("trials.csv")
+    summary["failures"] = [{"number": t.number, "error": t.user_attrs.get("error", "worker died"),
+                            "run_dir": t.user_attrs.get("run_dir")}
+                           for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
     if complete:
         best = study.best_trial
         summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
@@ -346,6 +371,7 @@ def finalize(spec: SweepSpec) -> dict:
         lines += [f"{k} = {literal(v)}  # swept" for k, v in best.params.items()]
         with open(os.path.join(spec.sweep_dir, "best.gin"), "w") as f:
             f.write("\n".join(lines) + "\n")
+        summary["files"].append("best.gin")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -364,10 +390,12 @@ def finalize(spec: SweepSpec) -> dict:
                 plt.gcf().set_size_inches(8, 4)
                 plt.tight_layout()
             plt.savefig(os.path.join(spec.sweep_dir, name), dpi=100)
+            summary["files"].append(name)
         except (ValueError, RuntimeError) as e:  # e.g. importances with constant values
             summary.setdefault("plot_errors", {})[name] = str(e).splitlines()[0]
         finally:
             plt.close("all")
+    summary["files"].append("summary.json")
     with open(os.path.join(spec.sweep_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     return summary
@@ -392,12 +420,46 @@ def write_trials_csv(study, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def wait_local(procs, timeout_s: float | None = None) -> None:
-    start = time.time()
+def wait_local(procs, timeout_s: float | None = None, progress=None) -> None:
+    """Waits for the local worker processes; calls `progress()` about every 2 s meanwhile (and at the end)."""
+    start, last = time.time(), 0.0
     while any(p.poll() is None for p in procs):
         if timeout_s and time.time() - start > timeout_s:
             raise TimeoutError("local workers did not finish")
+        if progress is not None and time.time() - last > 2.0:
+            progress()
+            last = time.time()
         time.sleep(0.5)
+    if progress is not None:
+        progress()
+
+
+class ProgressPrinter:
+    """One line per trial as it starts and as it ends (number, state, value, run dir; the cause and the
+    worker log on failure), read from the study's storage by the parent process."""
+
+    def __init__(self, spec: SweepSpec, log_dir: str | None = None):
+        self.spec, self.log_dir, self.seen = spec, log_dir, {}
+
+    def __call__(self) -> None:
+        from optuna.trial import TrialState
+
+        study = load_study(self.spec)
+        for t in study.get_trials(deepcopy=False):
+            state = t.state.name
+            if self.seen.get(t.number) == state:
+                continue
+            run_dir = t.user_attrs.get("run_dir", "")
+            if t.state == TrialState.RUNNING:
+                print(f"[sweep] trial {t.number} started → {run_dir}", flush=True)
+            elif t.state == TrialState.COMPLETE:
+                print(f"[sweep] trial {t.number} COMPLETE {self.spec.metric} = {t.value:.6g} → {run_dir}", flush=True)
+            elif t.state == TrialState.FAIL:
+                log = f" (log: {self.log_dir})" if self.log_dir else ""
+                print(f"[sweep] trial {t.number} FAIL: {t.user_attrs.get('error', 'worker died')}{log}", flush=True)
+            else:
+                print(f"[sweep] trial {t.number} {state} → {run_dir}", flush=True)
+            self.seen[t.number] = state
 
 
 def slurm_worker(spec_json: str, index: int, workers: int) -> int:

@@ -25,9 +25,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+DEFAULT_GIN = "sweeps/toy2d_sweep.gin"  # the documented default study (2-D benchmark, DE-CM weight space)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python sweeps/weight_sweep.py", description=__doc__.splitlines()[0])
-    p.add_argument("--gin", action="append", default=[], help="experiment gin file (repeatable)")
+    p = argparse.ArgumentParser(prog="python sweeps/weight_sweep.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--gin", action="append", default=[],
+                   help=f"experiment gin file (repeatable; none given: the default study, {DEFAULT_GIN})")
     p.add_argument("--bind", action="append", default=[], help="fixed extra binding (repeatable)")
     p.add_argument("--space", default="sweeps/spaces/decm_weights.py", help="space file (.py SPACE, .yaml, .json)")
     p.add_argument("--trials", type=int, default=12, help="finished (complete + pruned) trials to reach")
@@ -50,6 +55,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from decm import sweep
 
+    if not args.gin and not args.reap and args.worker_index is None and args.study is None:
+        args.gin = [DEFAULT_GIN]
+        print(f"[sweep] no --gin given: the default study — {DEFAULT_GIN}, space {args.space}, {args.trials} trials, "
+              f"{args.workers} {args.backend} workers; outputs in sweeps/runs/toy2d_sweep/ (see --help)", flush=True)
     study_name = args.study or (os.path.splitext(os.path.basename(args.gin[-1]))[0] if args.gin else None)
     if not study_name:
         print("weight_sweep: error: give --gin FILE (or --study NAME for --reap)", file=sys.stderr)
@@ -101,8 +110,14 @@ def main(argv=None) -> int:
     except (sweep.SweepError, FileNotFoundError) as e:
         print(f"weight_sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2, default=str))
-    print(f"→ {sweep_dir}/best.gin, trials.csv, history.png, slices.png, importances.png")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("files", "failures")}, indent=2, default=str))
+    if summary["best"] is None:
+        print(f"weight_sweep: error: no trial completed ({summary['states']}); causes:", file=sys.stderr)
+        for f in summary["failures"]:
+            print(f"  trial {f['number']}: {f['error']} (run dir {f['run_dir']})", file=sys.stderr)
+        print(f"  worker logs: {os.path.join(sweep_dir, 'workers')}/", file=sys.stderr)
+        return 1
+    print(f"→ {sweep_dir}/: " + ", ".join(summary["files"]))
     return 0
 
 
@@ -116,7 +131,8 @@ def run_local(spec, workers: int, sweep_dir: str) -> None:
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--sweep-dir", sweep_dir,
                                        "--study", spec.study, "--workers", str(workers), "--worker-index", str(i)],
                                       stdout=log, stderr=subprocess.STDOUT))
-    sweep.wait_local(procs)
+    print(f"[sweep] worker logs: {os.path.join(sweep_dir, 'workers')}/worker-<i>.log", flush=True)
+    sweep.wait_local(procs, progress=sweep.ProgressPrinter(spec, os.path.join(sweep_dir, "workers")))
 
 
 def run_slurm(spec, workers: int, cluster_gin: str | None) -> None:

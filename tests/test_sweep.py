@@ -97,3 +97,23 @@ def test_bad_space_fails_before_any_trial(tmp_path, capsys, space, needle):
 def test_sqlite_is_refused_for_parallel_workers(tmp_path, capsys):
     assert weight_sweep.main(argv(tmp_path, 2, 2, extra=["--storage", f"sqlite:///{tmp_path}/s.db"])) == 2
     assert "SQLite" in capsys.readouterr().err
+
+
+def test_wrong_metric_is_one_line_before_any_training(tmp_path, capsys):
+    assert weight_sweep.main(argv(tmp_path, 2, 1, extra=["--metric", "student.1.fid"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'student.1.fid' is not produced" in err[0] and "student.1.sw2" in err[0]
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_sweep_whose_trials_all_fail_exits_non_zero_with_the_causes(tmp_path, capsys):
+    """One worker, --trials 1: exactly one trial runs; it fails after training, so no trial completes:
+    exit 1, the cause printed, and only the files actually written are listed."""
+    code = weight_sweep.main(argv(tmp_path, 1, 1, extra=["--bind", "evaluate.n_samples = -5"]))
+    out, err = capsys.readouterr()
+    assert code == 1
+    st, _ = states(tmp_path)
+    assert st == [TrialState.FAIL]  # exactly one trial for one worker
+    assert "no trial completed" in err and "trial 0:" in err and "worker logs:" in err
+    assert "[sweep] trial 0 FAIL:" in out  # the parent reports each trial as it ends
+    assert "best.gin" not in out and not (tmp_path / "sw" / "best.gin").exists()

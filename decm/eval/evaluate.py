@@ -237,6 +237,34 @@ def evaluate(
     return results
 
 
+METRIC_NAMES = {"fid": ("fid",), "kid": ("kid", "kid_std"), "isc": ("isc", "isc_std"),
+                "prc": ("precision", "recall", "f_score")}
+
+
+def metric_paths(dataset, student_nfe=None, teacher_nfe=None, metrics=None) -> list[str]:
+    """The `metrics.json` paths ('student.<nfe>.<name>', 'teacher.<nfe>.<name>') an evaluation with the
+    current gin settings writes (None arguments: the bound or default values of `evaluate`)."""
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(evaluate).parameters.items()}
+
+    def setting(name, given):
+        if given is not None:
+            return given
+        try:
+            return gin.query_parameter(f"evaluate.{name}")
+        except ValueError:
+            return defaults[name]
+
+    if len(dataset.shape) == 3:
+        names = [n for m in setting("metrics", metrics) for n in METRIC_NAMES.get(m, (m,))]
+    else:
+        names = ["sw2", "energy"]
+    return [f"{who}.{nfe}.{n}" for who, nfes in (("student", setting("student_nfe", student_nfe)),
+                                                 ("teacher", setting("teacher_nfe", teacher_nfe)))
+            for nfe in nfes for n in names]
+
+
 def build_sampler(name: str, teacher_guidance):
     cls = get_component("samplers", name)
     if getattr(cls, "uses_teacher", False):
