@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import sys
 
@@ -38,9 +39,51 @@ class RunSpec:
     force: bool = False
 
 
+_GIN_NOISE = re.compile(r"\s*In call to configurable '[^']*' \(<[^>]*>\)( in scope '[^']*')?")
+
+
 def one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
+    """`Type: message` on one line, without gin's trailing 'In call to configurable …' chain."""
+    msg = _GIN_NOISE.sub("", " ".join(str(e).split())).strip()
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def configurable_names() -> list[str]:
+    """Every registered gin configurable as users bind it: 'losses.cm_loss' for components, 'train' for
+    the loop's functions (their shortest unambiguous selector)."""
+    import gin.config
+
+    registry_ = gin.config._REGISTRY  # noqa: SLF001 — gin has no public listing
+    names = set()
+    for sel, c in registry_.items():
+        names.add(sel if c.module in registry.KINDS else registry_.minimal_selector(sel))
+    return sorted(names)
+
+
+def did_you_mean(msg: str) -> str:
+    """Adds "did you mean …?" to gin's unknown-parameter and unknown-configurable errors."""
+    import difflib
+    import inspect
+
+    import gin.config
+
+    m = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", msg)
+    if m:
+        try:
+            fn = gin.config._REGISTRY.get_match(m.group(1)).wrapped  # noqa: SLF001
+            params = list(inspect.signature(fn).parameters)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            params = []
+        close = difflib.get_close_matches(m.group(2), params, n=2)
+        if close:
+            return msg + f" — did you mean {' or '.join(repr(c) for c in close)}?"
+        return msg
+    m = re.search(r"No configurable matching '([^']+)'", msg)
+    if m:
+        close = difflib.get_close_matches(m.group(1), configurable_names(), n=2, cutoff=0.6)
+        if close:
+            return msg + f" — did you mean {' or '.join(repr(c) for c in close)}?"
+    return msg
 
 
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, RunLocked)  # what a CLI reports in one line
@@ -70,7 +113,7 @@ def parse(gin_files, bindings) -> str:
         gin.parse_config_files_and_bindings(list(gin_files), list(bindings), skip_unknown=False,
                                             finalize_config=False)
     except Exception as e:  # gin raises ValueError / KeyError / ParseError subclasses
-        raise ConfigError(f"bad gin config: {one_line(e)}") from None
+        raise ConfigError(f"bad gin config: {did_you_mean(one_line(e))}") from None
     return gin.config_str()
 
 
@@ -116,6 +159,23 @@ def without_cluster(config: str) -> str:
     return "\n".join(st for st in gin_statements(config) if not st.startswith(("cluster.", "wandb.")))
 
 
+def config_diff(old: str, new: str, limit: int = 6) -> str:
+    """The bindings that differ between two configs: 'x.y: old → new; …' (added/removed ones too)."""
+    from decm.experiment import gin_statements
+
+    def table(config):
+        out = {}
+        for st in gin_statements(without_cluster(config)):
+            key, _, value = st.partition("=")
+            out[key.strip()] = value.strip()
+        return out
+
+    a, b = table(old), table(new)
+    diffs = [f"{k}: {a.get(k, '(unset)')} → {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    more = f"; … {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
 def wait_for_snapshot(spec: RunSpec, config: str, timeout_s: float = 600.0) -> None:
     """Ranks > 0 under torchrun: wait until rank 0 has written this config's snapshot."""
     import time
@@ -147,7 +207,7 @@ def prepare(spec: RunSpec) -> str:
         with open(snap) as f:
             old = f.read()
         if without_cluster(old) != without_cluster(config) and not spec.force:
-            raise ConfigError(f"{spec.run_dir} was launched with a different gin config; "
+            raise ConfigError(f"{spec.run_dir} was launched with a different gin config ({config_diff(old, config)}); "
                               "use another --run-dir or --force to resume anyway")
     os.makedirs(os.path.join(spec.run_dir, "gin"), exist_ok=True)
     for i, path in enumerate(spec.gin_files):

@@ -28,6 +28,85 @@ def default_run_dir(gin_files, bindings, root: str = "runs") -> str:
     return os.path.join(root, stem)
 
 
+# The loop-level configurables users bind most (besides the registered components).
+CONFIGURABLES = ("experiment", "train", "evaluate", "wandb", "cluster")
+
+
+def _configurable(name: str):
+    """The gin Configurable for `name` ('train', 'losses.cm_loss', 'cm_loss'); KeyError if none."""
+    import gin.config
+
+    from decm.job import parse
+
+    parse([], [])  # imports and registers everything
+    try:
+        found = gin.config._REGISTRY.get_match(name)  # noqa: SLF001 — gin has no public lookup
+    except (KeyError, ValueError):
+        found = None
+    if found is not None:
+        return found
+    from decm.job import did_you_mean
+
+    hint = did_you_mean(f"No configurable matching '{name}'")
+    raise KeyError(f"no configurable named {name!r}{hint.split(chr(39) + name + chr(39), 1)[1]}; see --list")
+
+
+def arg_docs(fn) -> dict[str, str]:
+    """{parameter: text} from a Google-style `Args:` section (continuation lines joined)."""
+    import inspect
+    import re
+
+    doc = inspect.getdoc(fn) or ""
+    out, current, in_args = {}, None, False
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            in_args = True
+            continue
+        if in_args:
+            if line and not line.startswith(" "):
+                break
+            m = re.match(r"^  (\w+)(?: \([^)]*\))?: ?(.*)$", line)
+            if m:
+                current = m.group(1)
+                out[current] = m.group(2).strip()
+            elif current and line.strip():
+                out[current] += " " + line.strip()
+    return out
+
+
+def describe(name: str) -> str:
+    """One configurable's parameters, each with its default and its documentation."""
+    import inspect
+
+    c = _configurable(name)
+    fn = c.wrapped.__init__ if inspect.isclass(c.wrapped) else c.wrapped
+    docs = arg_docs(c.wrapped) or arg_docs(fn)
+    denied = set(c.denylist or ())
+    lines = [f"{c.module + '.' if c.module and c.module in __import__('decm.registry').registry.KINDS else ''}{c.name}"
+             f": {(inspect.getdoc(c.wrapped) or '(undocumented)').splitlines()[0]}", ""]
+    for pname, par in inspect.signature(fn).parameters.items():
+        if pname in ("self",) or pname in denied or par.kind in (par.VAR_POSITIONAL, par.VAR_KEYWORD):
+            continue
+        import gin
+
+        default = "REQUIRED" if par.default is inspect.Parameter.empty or par.default is gin.REQUIRED else repr(par.default)
+        lines.append(f"  {pname} = {default}")
+        if docs.get(pname):
+            lines.append(f"      {docs[pname]}")
+    return "\n".join(lines)
+
+
+def configurables_listing() -> str:
+    """The loop-level configurables with their one-line docs (bind as `train.steps = …`)."""
+    import inspect
+
+    lines = ["configurables (python -m decm.launch --list NAME for parameters and defaults):"]
+    for name in CONFIGURABLES:
+        c = _configurable(name)
+        lines.append(f"  {name:<24} {(inspect.getdoc(c.wrapped) or '(undocumented)').splitlines()[0]}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m decm.launch", description=__doc__.splitlines()[0])
     p.add_argument("--gin", action="append", default=[], metavar="FILE", help="gin file (repeatable, in order)")
@@ -35,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<gin stem>[-<bindings hash>])")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, build every object, train nothing")
     p.add_argument("--force", action="store_true", help="resume even if the gin config differs from the run's snapshot")
-    p.add_argument("--list", action="store_true", help="list registered components by kind and exit")
+    p.add_argument("--list", nargs="?", const="", default=None, metavar="NAME",
+                   help="list registered components and the configurables users bind most, and exit; "
+                        "--list NAME prints one configurable's parameters with defaults and docs "
+                        "(e.g. --list train, --list losses.cm_loss)")
     p.add_argument("--backend", default=None, choices=("local", "local-subprocess", "slurm"),
                    help="where to run (default: cluster.backend from gin, else local)")
     p.add_argument("--wait", action="store_true", help="with a submitit backend: wait for the job and print its summary")
@@ -49,8 +131,15 @@ def main(argv=None) -> int:
     from decm.distributed import env_ranks
     from decm.job import USER_ERRORS, ConfigError, RunSpec, build, cli_error, parse, prepare, run, wait_for_snapshot
 
-    if args.list:
-        print(registry.listing())
+    if args.list is not None:
+        if not args.list:
+            print(registry.listing() + "\n" + configurables_listing())
+            return 0
+        try:
+            print(describe(args.list))
+        except KeyError as e:
+            print(f"decm.launch: error: {e.args[0]}", file=sys.stderr)
+            return 2
         return 0
     if not args.gin:
         print("decm.launch: error: give at least one --gin FILE (or --list)", file=sys.stderr)

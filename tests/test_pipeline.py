@@ -71,7 +71,8 @@ def test_resume_with_different_config_is_refused_unless_forced(tmp_path, capsys)
     rc, run_dir = launch(tmp_path, "a")
     rc2, _ = launch(tmp_path, "a", ["losses.n2n_loss.lam = 0.25"])
     assert rc2 == 2
-    assert "different gin config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "different gin config" in err and "n2n_loss.lam: 0.5 → 0.25" in err
     argv = ["--gin", "gin/toy2d_exact_teacher.gin", "--run-dir", run_dir, "--force"]
     for b in TINY + ["losses.n2n_loss.lam = 0.25"]:
         argv += ["--bind", b]
@@ -102,6 +103,8 @@ def test_dry_run_trains_nothing(tmp_path, capsys):
       "--bind", "losses.n2n_loss.lam = 0.0"], "lam not used by form='discrete'"),
     (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "losses.cm_supervised.robust_c = 1.0"], "robust_c"),
     (["--gin", "gin/decm_xl.gin"], "2 missing input(s): (1) latents path is not set"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "distill/train.stpes = 3"], "did you mean 'steps'"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "losses.cm_los.target = 'x'"], "did you mean 'losses.cm_loss'"),
 ])
 def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, argv, needle):
     run_dir = tmp_path / "bad"
@@ -110,6 +113,7 @@ def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, argv, needle):
     assert proc.returncode == 2, proc.stderr
     err_lines = [l for l in proc.stderr.splitlines() if l.startswith("decm.launch: error:")]
     assert len(err_lines) == 1 and needle in err_lines[0], proc.stderr
+    assert "In call to configurable" not in err_lines[0] and "<function" not in err_lines[0]  # no gin noise
     assert not run_dir.exists()
 
 
@@ -135,6 +139,19 @@ def test_slurm_backend_without_slurm_is_one_line_and_creates_nothing(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("decm.launch: error: backend 'slurm' needs Slurm")
     assert "--backend local" in proc.stderr and "Traceback" not in proc.stderr
     assert not run_dir.exists()
+
+
+def test_list_name_prints_parameters_with_defaults_and_docs(capsys):
+    assert main(["--list", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "  steps = 1000\n      total optimizer steps." in out and "  dataset = REQUIRED" in out
+    assert main(["--list", "losses.cm_loss"]) == 0
+    assert "  tangent_norm = 'rms'" in capsys.readouterr().out
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n  {name} " in out for name in ("train", "evaluate", "wandb", "cluster", "experiment"))
+    assert main(["--list", "trian"]) == 2
+    assert "did you mean 'train'" in capsys.readouterr().err
 
 
 def test_list_prints_every_kind():
