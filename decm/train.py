@@ -99,7 +99,7 @@ def train(
     max_consecutive_bad_steps: int = 20,  # non-finite steps in a row before the run stops
     device: str = "cpu",                 # 'cpu', 'cuda' (cuda:<local rank>) or 'auto'
     precision: str = "fp32",             # 'fp32' or 'bf16' (autocast; JVP and time embeddings stay fp32)
-    progress: bool = True,               # tqdm progress bar with loss and it/s (rank 0)
+    progress: bool = True,               # rank 0: tqdm bar on a terminal, a plain line every log_every_steps otherwise
     stop_after_steps: int = 0,           # testing/preemption aid: return after this many new steps (0: off)
     snapshot_every_steps: int = 0,       # distill: fixed-noise EMA samples + stats every k steps (0: off)
     part_grad_every_steps: int = 0,      # distill: log CM sup/self-supervised gradient norms every k steps (0: off)
@@ -137,7 +137,7 @@ def train(
       max_consecutive_bad_steps: non-finite steps in a row tolerated.
       device: 'cpu', 'cuda' or 'auto'.
       precision: 'fp32' or 'bf16'.
-      progress: show a progress bar.
+      progress: show progress (a tqdm bar on a terminal; plain lines in log files).
       stop_after_steps: stop after this many new steps (0: off).
       snapshot_every_steps: evaluation hook period (decm.snapshots; distill only; 0: off).
       part_grad_every_steps: period of decm.method.diagnostics.part_grad_norms (extra backward passes).
@@ -222,10 +222,9 @@ def train(
         if stats_writer is not None:
             stats_writer.close()
 
-    from tqdm import tqdm
+    from decm.progress import Progress
 
-    bar = tqdm(total=steps, initial=start, desc=stage, disable=not (progress and info.main), dynamic_ncols=True,
-               file=sys.stderr)
+    bar = Progress(steps, start, stage, progress and info.main, log_every_steps)  # plain lines when not a TTY
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     bad_in_a_row, last_ckpt_time, last_stats, new_steps, done = 0, time.time(), {}, 0, start
     t0 = time.time()
@@ -278,7 +277,7 @@ def train(
                     f"{bad_in_a_row} consecutive non-finite steps at step {step}; last good checkpoint kept in {ckpt_dir}")
         done = step + 1
         if step == start and info.main:
-            write_operative_config(run_dir)
+            write_operative_config(run_dir, tracker)
         if done % log_every_steps == 0 or done == steps:
             record = {"step": done, **{k: v for k, v in stats.items() if k != "nan/masked_samples"},
                       "nan/masked_total": totals["nan_masked_samples"], "nan/skipped_total": totals["skipped_steps"]}
@@ -372,10 +371,15 @@ def build_summary(stage, dataset, backbone, objective, teacher_source) -> dict:
             "objective": type(objective).__name__ if objective is not None else "FlowMatchingPretrain"}
 
 
-def write_operative_config(run_dir: str) -> None:
-    """Writes gin's operative config (complete only after the first step has called everything)."""
+def write_operative_config(run_dir: str, tracker=None) -> None:
+    """Writes gin's operative config (complete only after the first step has called everything) and
+    adds it, defaults included, to the W&B run's config under the names users bind."""
     path = os.path.join(run_dir, "operative_config.gin")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(gin.operative_config_str())
     os.replace(tmp, path)
+    if tracker is not None:
+        from decm.wandb_log import operative_defaults
+
+        tracker.update_config(operative_defaults())

@@ -6,8 +6,10 @@
   or a netrc entry for api.wandb.ai), else 'offline'. Offline runs land in
   `<run_dir>/wandb/offline-run-<time>-<id>[-<n>]/` (one per attempt; wandb appends -<n> when two
   attempts start within a second) and upload later with `wandb sync <those folders>`.
-- Config: the gin config as a flat dict (`'distill/train.lr': 0.0001`, ...), plus `config.gin` and
-  `operative_config.gin` saved as files. Scalars: every stats.jsonl record, under `<stage>/...` with
+- Config: every parameter under the name users bind (`'distill/train.lr'`, `'cm/objectives.term.weight'`,
+  `'losses.cm_loss.target'`): the bound values at start, the operative config (defaults such as
+  `train.seed` included) after the first step; `config.gin` and `operative_config.gin` are saved as files.
+- Console: offline runs print one line (`wandb sync <folder>`) instead of W&B's summary. Scalars: every stats.jsonl record, under `<stage>/...` with
   its own step axis `<stage>/step` (teacher and distillation steps both start at 0). Images: sample
   grids and NFE plots. Sweeps and ablations set `wandb.group` / `wandb.tags`.
 """
@@ -84,22 +86,49 @@ def run_id(run_dir: str) -> str:
         return f.read().strip()
 
 
-def flat_config(config_str: str) -> dict:
-    """gin statements → {selector: value (Python literal when possible, else the text)}."""
-    import ast
+def bound_names(config: dict) -> dict:
+    """gin's {(scope, selector): {param: value}} → {name as users bind it: value}.
 
-    from decm.experiment import gin_statements
+    Registered components keep their module ('cm/objectives.term.weight', 'losses.cm_loss.target');
+    the loop's configurables use their short name ('distill/train.lr', 'evaluate.n_samples'). Values
+    that are not plain literals (configurable references, macros) are logged as their gin text.
+    """
+    import gin.config
+
+    from decm import registry
 
     out = {}
-    for st in gin_statements(config_str):
-        if "=" not in st or st.startswith(("include", "import")):
+    for (scope, selector), params in config.items():
+        if selector.startswith("gin."):
             continue
-        key, value = (x.strip() for x in st.split("=", 1))
         try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
+            c = gin.config._REGISTRY.get_match(selector)  # noqa: SLF001 — gin has no public lookup
+        except (KeyError, ValueError):
+            c = None
+        if c is not None and c.module in registry.KINDS:
+            name = f"{c.module}.{c.name}"
+        else:
+            name = gin.config._REGISTRY.minimal_selector(selector) if c is not None else selector  # noqa: SLF001
+        prefix = f"{scope}/{name}" if scope else name
+        for param, value in params.items():
+            out[f"{prefix}.{param}"] = value if isinstance(value, (bool, int, float, str, type(None))) else (
+                list(value) if isinstance(value, (list, tuple)) and all(
+                    isinstance(v, (bool, int, float, str)) for v in value) else str(value))
     return out
+
+
+def bound_config() -> dict:
+    """The bound values of the parsed gin config, under the names users bind."""
+    import gin.config
+
+    return bound_names(gin.config._CONFIG)  # noqa: SLF001
+
+
+def operative_defaults() -> dict:
+    """Every parameter of every configurable called so far, defaults included (after the first step)."""
+    import gin.config
+
+    return bound_names(gin.config._OPERATIVE_CONFIG)  # noqa: SLF001
 
 
 class Tracker:
@@ -119,13 +148,13 @@ class Tracker:
             return
         import wandb
 
-        config_path = os.path.join(run_dir, "config.gin")
-        config = flat_config(open(config_path).read()) if os.path.exists(config_path) else {}
+        config = bound_config()
         self.run = wandb.init(
             project=settings.get("project"), entity=settings.get("entity"), group=settings.get("group"),
             tags=settings.get("tags") or None, notes=settings.get("notes"), id=run_id(run_dir), resume="allow",
             dir=run_dir, mode=mode, config=config, name=os.path.basename(os.path.abspath(run_dir)),
-            settings=wandb.Settings(console="off", x_disable_stats=True))
+            settings=wandb.Settings(console="off", x_disable_stats=True, quiet=mode == "offline",
+                                    silent=mode == "offline"))
         for stage in ("teacher", "distill"):
             self.run.define_metric(f"{stage}/step")
             self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
@@ -170,7 +199,17 @@ class Tracker:
         if self.active:
             self.run.summary.update(values)
 
+    def update_config(self, values: dict) -> None:
+        """Adds parameters to the run's config (the loop calls it after its first step with the
+        operative config, so unbound defaults such as train.seed are logged too)."""
+        if self.active:
+            self.run.config.update(values, allow_val_change=True)
+
     def finish(self) -> None:
         if self.active:
+            offline = self.run.settings.mode == "offline"
+            folder = os.path.dirname(self.run.dir) if offline else None
             self.run.finish()
             self.run = None
+            if folder:  # offline: one line instead of W&B's console summary
+                print(f"[decm] W&B offline run: wandb sync {folder}", flush=True)

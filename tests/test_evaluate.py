@@ -72,8 +72,10 @@ def test_fid_equals_an_independent_frechet_distance_and_torch_fidelity_itself():
     import torch_fidelity
 
     gen, ref = images(300, 0, shift=30), images(400, 1)
+    fidelity._extractor.cache_clear()
     fg = fidelity.features(gen, TEST_EXTRACTOR, None)
     fr = fidelity.features(ref, TEST_EXTRACTOR, None)
+    assert fidelity._extractor.cache_info().misses == 1  # the extractor is built once, then reused
     stats = fidelity.ReferenceStats.from_features(fr, TEST_EXTRACTOR)
     ours = fidelity.metrics(fg, stats, TEST_EXTRACTOR, None, which=("fid", "kid", "isc", "prc"))
     expected = numpy_frechet(fg["feat"].numpy(), fr["feat"].numpy())
@@ -207,11 +209,19 @@ def test_offline_wandb_run_layout_and_the_id_survives_resume(tmp_path):
     assert open(os.path.join(run_dir, "wandb_id")).read().strip() == run_id
 
 
-def test_flat_config_and_mode_resolution(monkeypatch):
-    from decm.wandb_log import flat_config, resolve_mode
+def test_wandb_config_uses_the_names_users_bind_and_mode_resolution(monkeypatch):
+    import gin
 
-    cfg = flat_config("distill/train.lr = 0.0001\ntrain.dataset = %DATASET\nlosses.n2n_loss.lam = 0.5\n")
-    assert cfg == {"distill/train.lr": 0.0001, "train.dataset": "%DATASET", "losses.n2n_loss.lam": 0.5}
+    from decm.job import parse
+    from decm.wandb_log import bound_config, operative_defaults, resolve_mode
+
+    parse(["gin/toy2d_exact_teacher.gin"], ["distill/train.lr = 0.0001"])
+    cfg = bound_config()
+    assert cfg["distill/train.lr"] == 0.0001 and cfg["cm/objectives.term.weight"] == 1.0
+    assert cfg["losses.cm_loss.target"] == "facm" and cfg["n2n/objectives.term.every"] == 3
+    assert cfg["distill/train.objective"] == "@objectives.objective()"
+    gin.query_parameter("cm/objectives.term.loss").scoped_configurable_fn()  # called: in the operative config
+    assert operative_defaults()["losses.cm_loss.tangent_norm"] == "rms"  # unbound: a default
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", "/nonexistent/netrc")

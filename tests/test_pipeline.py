@@ -167,3 +167,21 @@ def test_bf16_training_runs_and_stays_finite(tmp_path):
     assert code == 0
     stats = read_stats(run_dir)
     assert stats and all(torch.isfinite(torch.tensor(r["loss/total"])) for r in stats)
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path):
+    """Not a terminal: one plain line per log period, no carriage-return frames, no W&B summary."""
+    run_dir = tmp_path / "log"
+    argv = [sys.executable, "-m", "decm.launch", "--gin", "gin/toy2d_exact_teacher.gin", "--run-dir", str(run_dir)]
+    for b in TINY[:-3] + ["distill/train.log_every_steps = 4", "train.progress = True", "backbones.mlp.width = 16",
+                          "evaluate.n_samples = 100", "evaluate.student_nfe = (1,)", "evaluate.teacher_nfe = ()"]:
+        argv += ["--bind", b]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                          env=dict(os.environ, WANDB_MODE="offline"))
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("[decm] distill step")]
+    assert [l.split()[3] for l in lines] == ["4/12", "8/12", "12/12"], lines
+    assert "loss" in lines[-1] and "it/s" in lines[-1]
+    wandb_lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "wandb" in l.lower()]
+    assert len(wandb_lines) == 1 and "wandb sync" in wandb_lines[0], wandb_lines

@@ -22,6 +22,8 @@ Make them with `python -m decm.eval.ref_stats`.
 
 from __future__ import annotations
 
+import functools
+
 import os
 
 import numpy as np
@@ -83,13 +85,22 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return img.expand(-1, 3, -1, -1).contiguous() if img.shape[1] == 1 else img.contiguous()
 
 
+@functools.lru_cache(maxsize=4)
+def _extractor(name: str, need: tuple, cuda: bool, weights: str):
+    """One torch-fidelity feature extractor per (name, layers, device, weights) per process: an
+    evaluation builds it once, not once per (sampler, NFE) cell."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    return create_feature_extractor(name, list(need), cuda=cuda, feature_extractor_weights_path=weights)
+
+
 def features(images_uint8: torch.Tensor, extractor: str, weights: str, batch_size: int = 64) -> dict:
     """{layer: float64 features} for every layer the metrics need."""
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    from torch_fidelity.utils import get_featuresdict_from_dataset
 
-    need = sorted(set(layers(extractor).values()))
+    need = tuple(sorted(set(layers(extractor).values())))
     cuda = torch.cuda.is_available()
-    fe = create_feature_extractor(fidelity_name(extractor), need, cuda=cuda, feature_extractor_weights_path=weights)
+    fe = _extractor(fidelity_name(extractor), need, cuda, weights)
     # save_cpu_ram=True: no DataLoader worker processes (the images are already an in-memory tensor)
     fd = get_featuresdict_from_dataset(_Images(images_uint8), fe, batch_size, cuda, True, False)
     return {k: v.double().cpu() for k, v in fd.items()}
