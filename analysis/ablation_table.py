@@ -224,13 +224,18 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="toy2d")
+    from decm import cli
+
+    p = cli.parser("python analysis/ablation_table.py", __doc__)
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="toy2d",
+                   help="toy2d: 2-D mixture, paper protocol; toy2d_cond: with CFG; toy2d_exact: analytic teacher; "
+                        "digits: the quickstart")
     p.add_argument("--seeds", type=int, default=1, help="seeds per row (distill/train.seed = 0 … N−1)")
     p.add_argument("--rows", nargs="+", default=None, help=f"subset of rows (default: {' '.join(CORE)})")
     p.add_argument("--extended", action="store_true", help="add the λ / r-decay / clipping / N2N-period rows")
     p.add_argument("--steps", type=int, default=None, help="distillation steps for every row (default: the benchmark's)")
-    p.add_argument("--backend", default="local", choices=("local", "local-subprocess", "slurm"))
+    p.add_argument("--backend", default="local", choices=("local", "local-subprocess", "slurm"),
+                   help="rows in this process one after another, or as submitit jobs")
     p.add_argument("--cluster-gin", default=None, help="gin file with cluster.* resources for submitted rows")
     p.add_argument("--bind", action="append", default=[], help="extra gin binding for every row (repeatable)")
     p.add_argument("--runs-root", default="runs/ablations", help="where the row runs live")

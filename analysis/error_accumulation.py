@@ -210,17 +210,19 @@ def ensure_runs(benchmark: str, runs_root: str, steps: int | None, extra=()) -> 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from decm import cli
+
+    p = cli.parser("python analysis/error_accumulation.py", __doc__)
     p.add_argument("--benchmark", default="toy2d_exact", choices=["toy2d_exact"],
                    help="2-D benchmark with an exact teacher (gin/toy2d_exact_teacher.gin)")
     p.add_argument("--runs", nargs="+", default=None, help="run directories (label = directory name)")
-    p.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8], help="chain lengths to measure")
     p.add_argument("--n", type=int, default=2000, help="trajectories per measurement")
-    p.add_argument("--seed", type=int, default=4321)
+    p.add_argument("--seed", type=int, default=4321, help="seed of the held-out noise")
     p.add_argument("--ode-steps", type=int, default=200, help="RK4 steps per unit time of the exact trajectory")
     p.add_argument("--steps", type=int, default=None, help="steps when the default runs must be trained")
     p.add_argument("--bind", action="append", default=[], help="extra binding when training the default runs")
-    p.add_argument("--runs-root", default="runs/ablations")
+    p.add_argument("--runs-root", default="runs/ablations", help="where the default runs live (trained if absent)")
     p.add_argument("--out", default=None, help="output directory (default: a fresh runs/analysis/error_accumulation-"
                                                "<time>; the committed reference is analysis/results/"
                                                "error_accumulation-toy2d, replaced only when given here)")

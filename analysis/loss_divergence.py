@@ -165,17 +165,20 @@ def write_summary(summaries: dict, out: str, descriptions: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="toy2d")
+    from decm import cli
+
+    p = cli.parser("python analysis/loss_divergence.py", __doc__)
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="toy2d",
+                   help="toy2d: the 2-D mixture with the analytic teacher; digits: the quickstart")
     p.add_argument("--configs", nargs="+", default=None, help=f"subset of: {' '.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=600, help="distillation steps per configuration")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="distill/train.seed of every configuration")
     p.add_argument("--runs", nargs="+", default=None, help="analyse these run directories instead of training")
     p.add_argument("--bind", action="append", default=[], help="extra gin binding for every configuration")
     p.add_argument("--window", type=int, default=50, help="running-median window (steps)")
     p.add_argument("--loss-factor", type=float, default=3.0, help="loss event: loss > factor × running median")
     p.add_argument("--grad-factor", type=float, default=5.0, help="gradient event: norm > factor × running median")
-    p.add_argument("--runs-root", default="runs/analysis/loss_divergence")
+    p.add_argument("--runs-root", default="runs/analysis/loss_divergence", help="where the configurations' runs live")
     p.add_argument("--out", default=None, help="output directory (default: a fresh runs/analysis/loss_divergence-"
                                                "<benchmark>-<time>; the committed reference is "
                                                "analysis/results/loss_divergence-toy2d, replaced only when given here)")

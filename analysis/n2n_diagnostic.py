@@ -248,8 +248,9 @@ def write_outputs(table: dict, results: dict, out: str, meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from decm import cli
+
+    p = cli.parser("python analysis/n2n_diagnostic.py", __doc__)
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="variants to train and diagnose")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (distill/train.seed = 0 … N−1)")
     p.add_argument("--steps", type=int, default=3000, help="distillation steps of every run")

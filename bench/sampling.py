@@ -19,21 +19,23 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.timing import median_seconds  # noqa: E402
+from bench._timing import median_seconds  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--classes", type=int, default=10)
+    from decm import cli
+
+    p = cli.parser("python bench/sampling.py", __doc__)
+    p.add_argument("--preset", default="tiny", help="backbones.sit preset")
+    p.add_argument("--batch", type=int, default=256, help="samples per call")
+    p.add_argument("--image-size", type=int, default=16, help="latent height and width")
+    p.add_argument("--channels", type=int, default=4, help="latent channels")
+    p.add_argument("--classes", type=int, default=10, help="classes (+ the null class)")
     p.add_argument("--guidance", type=float, default=1.5, help="teacher CFG scale (1: none)")
-    p.add_argument("--teacher-nfe", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--teacher-nfe", type=int, default=50, help="teacher Euler steps compared with")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/<name>.json)")
     args = p.parse_args(argv)
     from decm.method.guidance import CFG, NoGuidance
     from decm.method.teachers import NetworkTeacher

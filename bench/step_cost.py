@@ -43,7 +43,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.timing import seconds  # noqa: E402
+from bench._timing import seconds  # noqa: E402
 
 VARIANTS = ["fm", "cm", "cm_fwad", "cm_dual", "cm_fd", "fm_term", "n2n", "decm", "decm_dual", "scm", "meanflow"]
 
@@ -188,20 +188,22 @@ def part_functions(student, teacher, guidance, batches, device, bf16):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from decm import cli
+
+    p = cli.parser("python bench/step_cost.py", __doc__)
     p.add_argument("--preset", default="tiny", help="backbones.sit preset (tiny, small-cpu, S/2, B/2, XL/2, ...)")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32, help="samples per step")
     p.add_argument("--image-size", type=int, default=16, help="latent/image side (32 for ImageNet-256 latents)")
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--channels", type=int, default=4, help="latent channels")
+    p.add_argument("--classes", type=int, default=10, help="classes (+ the null class)")
     p.add_argument("--guidance", type=float, default=1.5, help="teacher CFG scale w (1 = unguided)")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up rounds")
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="step variants to time")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
     p.add_argument("--bf16", action="store_true", help="autocast bf16 (JVP and time embeddings stay fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/<name>.json)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

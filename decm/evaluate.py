@@ -17,7 +17,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m decm.evaluate", description=__doc__.splitlines()[0])
+    from decm import cli
+
+    p = cli.parser("python -m decm.evaluate", __doc__)
     p.add_argument("run_dir", help="a run directory (holds config.gin and checkpoints/)")
     p.add_argument("--nfe", type=int, nargs="+", default=None, help="student NFEs (default: the run's evaluate.student_nfe)")
     p.add_argument("--sampler", nargs="+", default=None,

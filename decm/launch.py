@@ -108,7 +108,9 @@ def configurables_listing() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m decm.launch", description=__doc__.splitlines()[0])
+    from decm import cli
+
+    p = cli.parser("python -m decm.launch", __doc__)
     p.add_argument("--gin", action="append", default=[], metavar="FILE", help="gin file (repeatable, in order)")
     p.add_argument("--bind", action="append", default=[], metavar="BINDING", help="gin binding 'X.y = z' (repeatable)")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<gin stem>[-<bindings hash>])")
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--list NAME prints one configurable's parameters with defaults and docs "
                         "(e.g. --list train, --list losses.cm_loss)")
     p.add_argument("--backend", default=None, choices=("local", "local-subprocess", "slurm"),
-                   help="where to run (default: cluster.backend from gin, else local)")
+                   help="where to run (None: cluster.backend from gin, else local)")
     p.add_argument("--wait", action="store_true", help="with a submitit backend: wait for the job and print its summary")
     return p
 

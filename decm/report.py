@@ -174,7 +174,9 @@ def build_wandb_report(run_dirs, project: str = "decm", entity: str | None = Non
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m decm.report", description=__doc__.splitlines()[0])
+    from decm import cli
+
+    p = cli.parser("python -m decm.report", __doc__)
     p.add_argument("run_dirs", nargs="+", help="run directories")
     p.add_argument("--out", default="report", help="output directory")
     p.add_argument("--wandb-report", action="store_true", help="also publish a W&B Report (needs W&B online)")

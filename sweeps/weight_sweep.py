@@ -29,15 +29,17 @@ DEFAULT_GIN = "sweeps/toy2d_sweep.gin"  # the documented default study (2-D benc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python sweeps/weight_sweep.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from decm import cli
+
+    p = cli.parser("python sweeps/weight_sweep.py", __doc__)
     p.add_argument("--gin", action="append", default=[],
                    help=f"experiment gin file (repeatable; none given: the default study, {DEFAULT_GIN})")
     p.add_argument("--bind", action="append", default=[], help="fixed extra binding (repeatable)")
     p.add_argument("--space", default="sweeps/spaces/decm_weights.py", help="space file (.py SPACE, .yaml, .json)")
     p.add_argument("--trials", type=int, default=12, help="finished (complete + pruned) trials to reach")
     p.add_argument("--workers", type=int, default=2, help="parallel workers")
-    p.add_argument("--backend", default="local", choices=("local", "slurm"))
+    p.add_argument("--backend", default="local", choices=("local", "slurm"),
+                   help="workers as local processes or a Slurm job array")
     p.add_argument("--cluster-gin", default=None, help="cluster.* resources per Slurm worker")
     p.add_argument("--storage", default="", help="Optuna storage URL (default: journal file in the sweep dir)")
     p.add_argument("--study", default=None, help="study name (default: the last gin file's stem)")

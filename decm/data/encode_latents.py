@@ -169,7 +169,9 @@ def write_index(out: str, shards, classes, shape, args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m decm.data.encode_latents", description=__doc__.splitlines()[0])
+    from decm import cli
+
+    p = cli.parser("python -m decm.data.encode_latents", __doc__)
     p.add_argument("--image-folder", required=True, help="ImageFolder root (<root>/<class>/<image>)")
     p.add_argument("--out", required=True, help="output directory (created; reruns resume)")
     p.add_argument("--vae", default="sd-vae-ft-ema", help=f"one of {', '.join(VAES)}")

@@ -115,9 +115,12 @@ register_feature_extractor(EXTRACTOR_NAME, DigitsFeatureExtractor)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train and cache the digits feature classifier.")
-    parser.add_argument("--out", default="runs/cache/digits_classifier.pt")
-    parser.add_argument("--epochs", type=int, default=30)
+    from decm import cli
+
+    parser = cli.parser("python -m decm.eval.digits_features", "Train and cache the digits feature classifier "
+                        "(the decm-digits FID extractor).")
+    parser.add_argument("--out", default="runs/cache/digits_classifier.pt", help="where the classifier is cached")
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs of the classifier")
     args = parser.parse_args(argv)
     print(f"held-out accuracy: {train_classifier(args.out, args.epochs):.4f} → {args.out}")
 

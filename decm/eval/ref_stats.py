@@ -56,7 +56,9 @@ def reference_images(source: str, n: int, image_size: int, vae: str | None, seed
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m decm.eval.ref_stats", description=__doc__.splitlines()[0])
+    from decm import cli
+
+    p = cli.parser("python -m decm.eval.ref_stats", __doc__)
     p.add_argument("--source", required=True, help="digits | folder:PATH | latents:PATH")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--extractor", default="inception", help="inception or digits")

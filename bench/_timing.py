@@ -1,4 +1,7 @@
-"""Wall-clock timing shared by the benchmarks: CUDA work is synchronised before and after."""
+"""Wall-clock timing shared by the benchmarks: CUDA work is synchronised before and after.
+
+A helper module imported by bench/step_cost.py and bench/sampling.py, not a command.
+"""
 
 from __future__ import annotations
 
@@ -24,3 +27,10 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
     for _ in range(warmup):
         fn()
     return statistics.median(seconds(fn, device) for _ in range(repeats))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit("bench/_timing.py is a helper module of the benchmarks, not a command: run bench/step_cost.py or "
+             "bench/sampling.py (--help)")
