@@ -178,15 +178,15 @@ def write_outputs(results: dict, out: str, nfes) -> str:
         axes[1][j].set_title(f"{label}: local (hop alone)", fontsize=8)
         axes[1][j].set_xlabel("t at the end of the hop")
         axes[0][j].legend(fontsize=6)
-    axes[0][0].set_ylabel("RMS error")
-    axes[1][0].set_ylabel("RMS error")
+    axes[0][0].set_ylabel("RMS error to the exact trajectory (lower is better)", fontsize=8)
+    axes[1][0].set_ylabel("RMS error of the hop alone (lower is better)", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "hop_errors.png"), dpi=100)
     plt.close(fig)
     lines = [(f"{label} · {sampler}", [(k, by_nfe[str(k)]) for k in nfes])
              for label, res in results.items() for sampler, by_nfe in res["final"].items()]
-    line_panels({"": lines}, os.path.join(out, "final_vs_nfe.png"), xlabel="NFE", ylabel="SW2 to the data",
-                xlog=True, marker="o", panel_size=(5.5, 3.6))
+    line_panels({"": lines}, os.path.join(out, "final_vs_nfe.png"), xlabel="NFE (function evaluations)",
+                ylabel="SW2 to the data (lower is better)", xlog="auto", marker="o", panel_size=(5.5, 3.6), xticks=nfes)
     return "\n".join(md)
 
 

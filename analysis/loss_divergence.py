@@ -116,23 +116,23 @@ def plots(named_stats: dict, summaries: dict, out: str) -> None:
 
     with_parts = [n for n, st in named_stats.items() if any("grad/cm_sup" in r for r in st)]
     if with_parts:
-        fig, axes = plt.subplots(1, len(with_parts), figsize=(3.6 * len(with_parts), 3.0), squeeze=False, sharey=True)
-        for ax, name in zip(axes[0], with_parts):
+        from decm.plots import grid, save
+
+        fig, axes = grid(len(with_parts), ncols=3, panel_size=(4.0, 3.0))
+        for ax, name in zip(axes, with_parts):
             st = named_stats[name]
             for key, label in (("grad/cm_sup", "supervised ‖F − v‖²"), ("grad/cm_self", "self-supervised ‖F − ṽ‖²")):
                 pts = [(r["step"], r[key]) for r in st if key in r]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.7, label=label)
-            ax.set_yscale("log")
-            ax.set_title(name, fontsize=8)
-            ax.set_xlabel("step")
-        axes[0][0].set_ylabel("gradient norm")
-        axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "grad_parts.png"), dpi=100)
-        plt.close(fig)
+            ax.set_yscale("log")  # gradient norms span several decades (spikes of 10³–10⁵)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("gradient norm (log scale)")
+            ax.legend(fontsize=7)
+        save(fig, os.path.join(out, "grad_parts.png"))
     lines = [(name, [(r["step"], r["loss/total"]) for r in st if "loss/total" in r]) for name, st in named_stats.items()]
-    line_panels({"": lines}, os.path.join(out, "losses.png"), xlabel="step", ylabel="total loss", ylog=True, lw=0.7,
-                panel_size=(6, 3.6))
+    line_panels({"": lines}, os.path.join(out, "losses.png"), xlabel="training step",
+                ylabel="total loss (lower is better)", lw=0.7, panel_size=(6, 3.6))
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = list(summaries)
     ax.bar(range(len(names)), [summaries[n]["divergence_rate"] for n in names])

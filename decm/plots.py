@@ -1,57 +1,118 @@
-"""Line-plot figures shared by evaluation, reports and analysis scripts (matplotlib, Agg backend)."""
+"""Figures shared by evaluation, reports, sweeps and analysis scripts (matplotlib, Agg backend).
+
+Conventions, so that every figure reads on its own: axis labels name the metric (with
+"(lower is better)" where that applies) or the unit; NFE axes carry ticks at the NFEs actually used;
+a log scale only where the values span more than a decade; panels in a grid (at most `ncols` per row);
+curves that coincide are said to in the legend rather than silently hidden.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 
+LOWER_IS_BETTER = ("fid", "kid", "sw2", "energy", "loss", "error", "rms", "distance")
 
-def line_panels(panels: dict, path: str, xlabel: str, ylabel: str | None = None, xlog: bool = False,
-                ylog: bool = False, marker: str | None = None, lw: float = 1.0, panel_size=(4.0, 3.2),
-                dpi: int = 100, legend_fontsize: int = 6, title_fontsize: int | None = None) -> bool:
-    """Writes one row of line plots, one panel per entry, atomically (temp file, then rename).
+
+def metric_label(name: str) -> str:
+    """'sw2' → 'sw2 (lower is better)'; names of scores where higher is better are left as they are."""
+    low = name.lower()
+    return f"{name} (lower is better)" if any(k in low for k in LOWER_IS_BETTER) else name
+
+
+def spans_decades(values, ratio: float = 20.0) -> bool:
+    """True when the positive values span more than `ratio` (a log scale helps only then)."""
+    vals = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    return len(vals) > 1 and max(vals) / min(vals) > ratio
+
+
+def grid(n: int, ncols: int = 3, panel_size=(4.0, 3.2)):
+    """(fig, flat list of n axes) in rows of at most `ncols`; unused axes are hidden."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(1, min(ncols, n))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def save(fig, path: str, dpi: int = 100) -> None:
+    """Writes the figure atomically (temp file, then rename) and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def mark_coinciding(lines):
+    """Appends '(same as X)' to the label of a line whose points equal an earlier line's."""
+    out, seen = [], {}
+    for label, pts in lines:
+        key = tuple((round(float(x), 12), round(float(y), 12)) for x, y in pts)
+        if pts and key in seen:
+            label = f"{label} (same as {seen[key]})"
+        elif pts:
+            seen[key] = label
+        out.append((label, pts))
+    return out
+
+
+def line_panels(panels: dict, path: str, xlabel: str, ylabel: str | None = None, xlog: bool | str = False,
+                ylog: bool | str = "auto", marker: str | None = None, lw: float = 1.0, panel_size=(4.0, 3.2),
+                dpi: int = 100, legend_fontsize: int = 7, title_fontsize: int | None = None,
+                xticks=None, ncols: int = 3) -> bool:
+    """Writes line plots, one panel per entry, in a grid, atomically.
 
     Args:
       panels: {panel title: [(line label, [(x, y), ...]), ...]}; lines without points are skipped.
       path: the .png to write.
-      xlabel: x-axis label of every panel.
-      ylabel: y-axis label of the first panel (None: none).
-      xlog: log-scale x axis.
-      ylog: log-scale y axis.
+      xlabel: x-axis label of every panel (a unit or the quantity, e.g. 'training step', 'NFE').
+      ylabel: y-axis label of every panel; None: the panel title through `metric_label`.
+      xlog: log-scale x axis (True, False or 'auto': only when x spans more than a decade).
+      ylog: log-scale y axis (True, False or 'auto', the default).
       marker: matplotlib marker of the points (None: lines only).
       lw: line width.
       panel_size: (width, height) in inches of one panel.
       dpi: resolution.
       legend_fontsize: font size of the legends.
       title_fontsize: font size of the panel titles (None: matplotlib's default).
+      xticks: x values to tick and label exactly (e.g. the NFEs used); None: matplotlib's ticks.
+      ncols: panels per row.
 
     Returns:
       False (and no file) when no panel has a line with points, else True.
     """
     if not any(pts for lines in panels.values() for _, pts in lines):
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(panel_size[0] * len(panels), panel_size[1]), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels.items()):
+    fig, axes = grid(len(panels), ncols, panel_size)
+    for ax, (title, lines) in zip(axes, panels.items()):
+        lines = mark_coinciding([(label, pts) for label, pts in lines if pts])
         for label, pts in lines:
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, lw=lw, label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, lw=lw, label=label)
+        xs = [p[0] for _, pts in lines for p in pts]
+        ys = [p[1] for _, pts in lines for p in pts]
         if title:
             ax.set_title(title, fontsize=title_fontsize)
         ax.set_xlabel(xlabel)
-        if xlog:
+        ax.set_ylabel(ylabel if ylabel else metric_label(title) if title else "")
+        if xlog is True or (xlog == "auto" and spans_decades(xs, 10.0)):
             ax.set_xscale("log")
-        if ylog:
+        if ylog is True or (ylog == "auto" and spans_decades(ys)):
             ax.set_yscale("log")
-        ax.legend(fontsize=legend_fontsize)
-    if ylabel:
-        axes[0][0].set_ylabel(ylabel)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+        if xticks is not None:
+            ax.set_xticks(list(xticks))
+            ax.set_xticklabels([f"{x:g}" for x in xticks])
+            ax.minorticks_off()
+        if len(lines) > 1 or (lines and lines[0][0]):
+            ax.legend(fontsize=legend_fontsize)
+    save(fig, path, dpi)
     return True

@@ -47,9 +47,14 @@ def rows_of(metrics: dict) -> list[dict]:
 
 def gin_diff(base: str, other: str) -> list[str]:
     """Statement-level diff: '- stmt' only in `base`, '+ stmt' only in `other` (sorted by selector)."""
+    import re
+
     from decm.experiment import gin_statements
 
-    a, b = set(gin_statements(base)), set(gin_statements(other))
+    def statements(config):  # continuation backslashes of gin's line-wrapped values dropped
+        return {re.sub(r"\s*\\\s+", " ", st) for st in gin_statements(config)}
+
+    a, b = statements(base), statements(other)
     lines = [("- ", s) for s in a - b] + [("+ ", s) for s in b - a]
     lines.sort(key=lambda p: (p[1].split("=", 1)[0].strip(), p[0] == "+ "))
     return [sign + s for sign, s in lines]
@@ -88,21 +93,22 @@ def loss_keys(runs) -> list[str]:
 
 
 def plot_losses(runs, path: str) -> bool:
-    """Every loss/* key of the runs' stats vs step (log y), one panel per key."""
+    """Every loss/* key of the runs' stats vs step (log y when the values span decades), one panel per key."""
     panels = {key: [(r["name"], [(rec["step"], rec[key]) for rec in r["stats"] if key in rec]) for r in runs]
               for key in loss_keys(runs)}
-    return line_panels(panels, path, xlabel="step", ylog=True, panel_size=(3.6, 3.0), title_fontsize=9)
+    return line_panels(panels, path, xlabel="training step", panel_size=(3.6, 3.0), title_fontsize=9)
 
 
 def plot_nfe(runs, path: str) -> bool:
-    """Metric vs NFE (log x), one line per run × model × sampler, one panel per metric."""
+    """Metric vs NFE (ticks at the NFEs used), one line per run × model × sampler, one panel per metric."""
     panels = {}
     for metric in metric_names(runs):
         panels[metric] = [
             (f"{r['name']} · {key[0]} · {key[1]}",
              sorted((row["nfe"], row[metric]) for row in r["rows"] if (row["model"], row["sampler"]) == key and metric in row))
             for r in runs for key in dict.fromkeys((row["model"], row["sampler"]) for row in r["rows"])]
-    return line_panels(panels, path, xlabel="NFE", xlog=True, marker="o")
+    nfes = sorted({row["nfe"] for r in runs for row in r["rows"]})
+    return line_panels(panels, path, xlabel="NFE (function evaluations)", xlog="auto", marker="o", xticks=nfes)
 
 
 def table_markdown(runs) -> str:
@@ -125,7 +131,9 @@ def write_report(run_dirs, out: str) -> str:
     md += ["| run | directory | step | evaluation |", "|---|---|---|---|"]
     for r in runs:
         step = r["metrics"]["step"] if r["metrics"] else (r["stats"][-1]["step"] if r["stats"] else 0)
-        md.append(f"| {r['name']} | `{r['dir']}` | {step} | {r['eval_dir'] or '—'} |")
+        where = "—" if not r["eval_dir"] else ("in the run directory" if os.path.samefile(r["eval_dir"], r["dir"])
+                                               else f"`{os.path.relpath(r['eval_dir'], r['dir'])}/`")
+        md.append(f"| {r['name']} | `{r['dir']}` | {step} | {where} |")
     md += ["", "## Metrics vs NFE", ""]
     if any(r["rows"] for r in runs):
         md += [table_markdown(runs), ""]

@@ -372,33 +372,115 @@ def finalize(spec: SweepSpec) -> dict:
         with open(os.path.join(spec.sweep_dir, "best.gin"), "w") as f:
             f.write("\n".join(lines) + "\n")
         summary["files"].append("best.gin")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    plots = [("history.png", ovm.plot_optimization_history, 1), ("slices.png", ovm.plot_slice, 1),
-             ("importances.png", ovm.plot_param_importances, 3)]
-    for name, fn, need in plots:
-        if len(complete) < need or (name == "importances.png" and len(spec.space) < 2):
-            continue
+    for name, fn in (("history.png", plot_history), ("slices.png", plot_slices), ("importances.png", plot_importances)):
         try:
-            with warnings.catch_warnings():  # Optuna's "experimental" notes and matplotlib layout notes
+            with warnings.catch_warnings():  # Optuna's "experimental" notes
                 warnings.simplefilter("ignore")
-                fn(study)
-                plt.gcf().set_size_inches(8, 4)
-                plt.tight_layout()
-            plt.savefig(os.path.join(spec.sweep_dir, name), dpi=100)
-            summary["files"].append(name)
+                written = fn(study, spec, os.path.join(spec.sweep_dir, name))
         except (ValueError, RuntimeError) as e:  # e.g. importances with constant values
             summary.setdefault("plot_errors", {})[name] = str(e).splitlines()[0]
-        finally:
-            plt.close("all")
+            written = False
+        if written:
+            summary["files"].append(name)
     summary["files"].append("summary.json")
     with open(os.path.join(spec.sweep_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     return summary
+
+
+MIN_TRIALS_FOR_IMPORTANCES = 8  # fewer complete trials: importances are noise, so none are drawn
+
+
+def _complete(study):
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def plot_history(study, spec: SweepSpec, path: str) -> bool:
+    """Each complete trial's value and the best so far, against the trial number (integer ticks)."""
+    from matplotlib.ticker import MaxNLocator
+
+    from decm.plots import grid, metric_label, save
+
+    done = sorted(_complete(study), key=lambda t: t.number)
+    if not done:
+        return False
+    fig, (ax,) = grid(1, panel_size=(7.0, 3.6))
+    xs, ys = [t.number for t in done], [t.value for t in done]
+    best = [min(ys[: i + 1]) for i in range(len(ys))]
+    ax.plot(xs, ys, "o", label="trial")
+    ax.step(xs, best, where="post", color="C1", label="best so far")
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(metric_label(spec.metric))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{spec.study}: {len(done)} complete trials")
+    ax.legend(fontsize=8)
+    save(fig, path)
+    return True
+
+
+def plot_slices(study, spec: SweepSpec, path: str) -> bool:
+    """One panel per swept parameter (value of each complete trial vs the parameter), 3 per row."""
+    from decm.plots import grid, metric_label, save
+
+    done = _complete(study)
+    params = [p for p in spec.space if any(p in t.params for t in done)]
+    if not done or not params:
+        return False
+    fig, axes = grid(len(params), ncols=3, panel_size=(4.2, 3.2))
+    for ax, p in zip(axes, params):
+        pts = [(t.params[p], t.value, t.number) for t in done if p in t.params]
+        if spec.space[p]["type"] == "categorical":
+            cats = [str(c) for c in spec.space[p]["choices"]]
+            ax.scatter([cats.index(str(v)) for v, _, _ in pts], [y for _, y, _ in pts], c=[n for _, _, n in pts],
+                       cmap="viridis")
+            ax.set_xticks(range(len(cats)))
+            ax.set_xticklabels([c.replace("@", "").replace("()", "").split(".")[-1] for c in cats], rotation=20,
+                               fontsize=7)
+        else:
+            ax.scatter([v for v, _, _ in pts], [y for _, y, _ in pts], c=[n for _, _, n in pts], cmap="viridis")
+            if spec.space[p].get("log"):
+                from matplotlib.ticker import NullFormatter
+
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(p, fontsize=8)
+        ax.set_xlabel("parameter value", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(metric_label(spec.metric), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    cax = fig.add_axes((0.935, 0.2, 0.015, 0.6))
+    fig.colorbar(axes[0].collections[0], cax=cax, label="trial number")
+    import matplotlib.pyplot as plt
+
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def plot_importances(study, spec: SweepSpec, path: str) -> bool:
+    """fANOVA importances as bars, only with ≥ MIN_TRIALS_FOR_IMPORTANCES complete trials (else noise)."""
+    import optuna
+
+    from decm.plots import grid, save
+
+    done = _complete(study)
+    if len(done) < MIN_TRIALS_FOR_IMPORTANCES or len(spec.space) < 2:
+        return False
+    imp = optuna.importance.get_param_importances(study)
+    fig, (ax,) = grid(1, panel_size=(7.0, 0.45 * len(imp) + 1.4))
+    names = list(imp)[::-1]
+    ax.barh(range(len(names)), [imp[n] for n in names])
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlabel("importance (fANOVA share of the variance)")
+    ax.set_title(f"from {len(done)} complete trials — indicative only", fontsize=9)
+    save(fig, path)
+    return True
 
 
 def write_trials_csv(study, path: str) -> None:

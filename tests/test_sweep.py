@@ -117,3 +117,23 @@ def test_a_sweep_whose_trials_all_fail_exits_non_zero_with_the_causes(tmp_path, 
     assert "no trial completed" in err and "trial 0:" in err and "worker logs:" in err
     assert "[sweep] trial 0 FAIL:" in out  # the parent reports each trial as it ends
     assert "best.gin" not in out and not (tmp_path / "sw" / "best.gin").exists()
+
+
+def test_a_sweep_journal_opens_in_optuna_dashboard(tmp_path):
+    """The `dashboard` extra: optuna-dashboard serves the study of a sweep's journal file, and pandas makes
+    `trials_dataframe()` work."""
+    import io
+
+    from optuna_dashboard import wsgi
+
+    spec_ = sweep.SweepSpec((), (), {"x": {"type": "float", "low": 0.0, "high": 1.0}}, str(tmp_path), "dash")
+    storage = sweep.storage_for(spec_)
+    study = optuna.create_study(study_name="dash", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert (tmp_path / "journal.log").exists()
+    status = {}
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies", "wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr,
+           "SERVER_NAME": "localhost", "SERVER_PORT": "8080", "wsgi.url_scheme": "http", "QUERY_STRING": ""}
+    body = b"".join(wsgi(storage)(env, lambda s, h, exc_info=None: status.update(code=s)))
+    assert status["code"] == "200 OK" and b'"study_name": "dash"' in body
+    assert study.trials_dataframe().shape[0] == 2

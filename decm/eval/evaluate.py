@@ -138,11 +138,13 @@ def evaluate(
     batch_size: int = 500,               # samples per sampler call
     device: str = "cpu",                 # 'cpu', 'cuda' or 'auto'
     out_dir: str | None = None,          # where the outputs go (None: the run directory)
+    label: str | None = None,            # the student's name in figure titles (None: the run directory's name)
 ):
     """Runs the sweep and returns the metrics dict (see the module docstring).
 
     Args:
       run_dir: the distillation run directory.
+      label: the student's name in figure titles and legends (None: the run directory's name).
       teacher_checkpoint: teacher run dir or official file.
       dataset: datasets component.
       backbone: backbones factory.
@@ -215,11 +217,11 @@ def evaluate(
         if info.main:
             rows.append({"model": who, "sampler": name, "nfe": nfe, **score(values)})
             if not images:
-                pictures[f"{'DE-CM' if who == 'student' else 'teacher'} {name} {nfe}"] = values
+                pictures[panel_title(who, name, nfe, label or os.path.basename(os.path.abspath(run_dir)))] = values
         if images and info.main and name in (student_samplers[0], (teacher_samplers or ("",))[0]):
             _, x = generate(sampler, net, dataset, min(8 * max(dataset.num_classes, 1), 64), nfe, seed,
                             device=dev, postprocess=lambda x: decode(x).float().cpu())
-            pictures[f"{'DE-CM' if who == 'student' else 'teacher'} {nfe} {'NFE' if who == 'student' else 'steps'}"] = x
+            pictures[panel_title(who, name, nfe, label or os.path.basename(os.path.abspath(run_dir)))] = x
     if not info.main:
         return {}
     results = {"step": step, "student": {}, "teacher": {}, "rows": rows}
@@ -231,10 +233,15 @@ def evaluate(
     write_table(rows, out_dir)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plot_nfe(rows, os.path.join(out_dir, "nfe.png"))
+    plot_nfe(rows, os.path.join(out_dir, "nfe.png"), label or os.path.basename(os.path.abspath(run_dir)))
     ref_pic = decode(reference[:64]) if (images and reference is not None) else reference
     save_picture(pictures, ref_pic, os.path.join(out_dir, "samples.png"), images, dataset.num_classes)
     return results
+
+
+# Sampler names as printed in figure titles and legends.
+SAMPLER_NAMES = {"chain": "chain", "one_step": "one step", "cm_renoise": "CM re-noise", "euler_instant": "Euler F(x,t,t)",
+                 "teacher_euler": "Euler", "teacher_heun": "Heun"}
 
 
 METRIC_NAMES = {"fid": ("fid",), "kid": ("kid", "kid_std"), "isc": ("isc", "isc_std"),
@@ -282,41 +289,54 @@ def write_table(rows, out_dir: str) -> None:
     os.replace(tmp, os.path.join(out_dir, "metrics.csv"))
 
 
-def plot_nfe(rows, path: str) -> None:
-    """Metric vs NFE (log x), one line per model × sampler, one panel per metric."""
+def plot_nfe(rows, path: str, label: str = "student") -> None:
+    """Metric vs NFE (ticks at the NFEs used), one line per model × sampler, one panel per metric."""
     names = [k for k in rows[0] if k not in ("model", "sampler", "nfe") and not k.endswith("_std")] if rows else []
-    panels = {metric: [(f"{key[0]} · {key[1]}",
+    panels = {metric: [(f"{label if key[0] == 'student' else 'teacher'} · {SAMPLER_NAMES.get(key[1], key[1])}",
                         sorted((r["nfe"], r[metric]) for r in rows if (r["model"], r["sampler"]) == key))
                        for key in dict.fromkeys((r["model"], r["sampler"]) for r in rows)]
               for metric in names}
-    line_panels(panels, path, xlabel="NFE", xlog=True, marker="o", dpi=110, legend_fontsize=7)
+    nfes = sorted({r["nfe"] for r in rows})
+    line_panels(panels, path, xlabel="NFE (function evaluations)", xlog="auto", marker="o", dpi=110, xticks=nfes)
+
+
+def panel_title(who: str, sampler: str, nfe: int, label: str) -> str:
+    """'<run> · chain · NFE 2' for the student, 'teacher · Euler · 50 steps' for the teacher."""
+    name = SAMPLER_NAMES.get(sampler, sampler)
+    return f"{label} · {name} · NFE {nfe}" if who == "student" else f"teacher · {name} · {nfe} step{'s' * (nfe != 1)}"
+
+
+def scatter_limits(arrays, margin: float = 0.08):
+    """One square window holding (almost) every point of every panel: the 0.2–99.8 percentiles plus a margin."""
+    pts = np.concatenate([a[:2000] for a in arrays])
+    pts = pts[np.isfinite(pts).all(1)]
+    lo, hi = np.percentile(pts, 0.2, axis=0), np.percentile(pts, 99.8, axis=0)
+    centre, half = (lo + hi) / 2, (hi - lo).max() / 2 * (1 + margin) + 1e-6
+    return (centre[0] - half, centre[0] + half), (centre[1] - half, centre[1] + half)
 
 
 def save_picture(pictures: dict, reference, path: str, images: bool, num_classes: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The data and every sample set, as image grids or 2-D scatters, in rows of at most 4 panels."""
+    from decm.plots import grid, save
 
     panels = ([("data", reference)] if reference is not None else []) + list(pictures.items())
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8), squeeze=False)
-    for ax, (title, x) in zip(axes[0], panels):
+    fig, axes = grid(len(panels), ncols=4, panel_size=(3.2, 3.4))
+    if not images:
+        xlim, ylim = scatter_limits([x.numpy() for _, x in panels])
+    for ax, (title, x) in zip(axes, panels):
         if images:
             ax.imshow(image_grid(x, num_classes))
+            ax.set_xticks([])
+            ax.set_yticks([])
         else:
             pts = x[:2000].numpy()
             ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
-            ax.set_xlim(-3, 3)
-            ax.set_ylim(-3, 3)
+            ax.set_xlim(*xlim)
+            ax.set_ylim(*ylim)
             ax.set_aspect("equal")
-        ax.set_title(title, fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+            ax.tick_params(labelsize=7)
+        ax.set_title(title, fontsize=9)
+    save(fig, path, dpi=110)
 
 
 def image_grid(x: torch.Tensor, num_classes: int) -> np.ndarray:
