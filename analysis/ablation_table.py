@@ -21,7 +21,6 @@ sample standard deviations (ddof = 1).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

@@ -18,7 +18,6 @@ teacher that is the exact flow map to solver precision. Writes `<out>/table.md`,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

@@ -19,7 +19,6 @@ skipped as non-finite. Writes `<out>/summary.md`, `summary.csv`, `summary.json`,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

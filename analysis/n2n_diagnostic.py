@@ -26,9 +26,7 @@ Default output: a fresh `runs/analysis/n2n_diagnostic-<time>`; the committed ref
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import sys
 import time

@@ -10,7 +10,6 @@ Writes bench/results/sampling-<preset>-<device>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform

@@ -32,7 +32,6 @@ Writes bench/results/step_cost-<preset>-<device>[-bf16][-w<guidance>].json with 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -125,7 +124,7 @@ class SavedBytes:
 def variant_round(name, objective, model, teacher, batches, device, bf16):
     """A function round(i) → (seconds per step, memory bytes): one timed optimizer step of the variant
     (three for DE-CM, amortised over its N2N period), run as decm.train runs it."""
-    from decm.train import step_generator
+    from decm.seeding import step_generator
 
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -210,7 +209,7 @@ def main(argv=None) -> int:
     from decm.method.guidance import CFG, NoGuidance
     from decm.method.teachers import NetworkTeacher
     from decm.models.sit import sit
-    from decm.train import student_from_teacher
+    from decm.models.build import student_from_teacher
 
     device = torch.device(args.device)
     torch.manual_seed(0)

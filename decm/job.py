@@ -105,9 +105,6 @@ def parse(gin_files, bindings) -> str:
     for path in gin_files:
         if not os.path.isfile(path):
             raise ConfigError(f"gin file not found: {path}")
-    if gin_files and all(os.path.basename(os.path.dirname(os.path.abspath(p))) == "ablations" for p in gin_files):
-        raise ConfigError(f"{gin_files[0]} is an ablation diff, not an experiment: put a benchmark gin before it, "
-                          f"e.g. --gin gin/toy2d.gin --gin {gin_files[0]}")
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(bindings), skip_unknown=False,
@@ -115,6 +112,13 @@ def parse(gin_files, bindings) -> str:
     except Exception as e:  # gin raises ValueError / KeyError / ParseError subclasses
         raise ConfigError(f"bad gin config: {did_you_mean(one_line(e))}") from None
     return gin.config_str()
+
+
+def check_not_only_diffs(gin_files) -> None:
+    """An experiment needs a benchmark gin: ablation files (gin/ablations/) alone are diffs."""
+    if gin_files and all(os.path.basename(os.path.dirname(os.path.abspath(p))) == "ablations" for p in gin_files):
+        raise ConfigError(f"{gin_files[0]} is an ablation diff, not an experiment: put a benchmark gin before it, "
+                          f"e.g. --gin gin/toy2d.gin --gin {gin_files[0]}")
 
 
 def build(run_dir: str, require_inputs: bool = False) -> dict:

@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     from decm import registry
     from decm.cluster import cluster, folder_for, sbatch_script, submit, with_backend
     from decm.distributed import env_ranks
-    from decm.job import USER_ERRORS, ConfigError, RunSpec, build, cli_error, parse, prepare, run, wait_for_snapshot
+    from decm.job import (USER_ERRORS, ConfigError, RunSpec, build, check_not_only_diffs, cli_error, parse, prepare, run,
+                          wait_for_snapshot)
 
     if args.list is not None:
         if not args.list:
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
     run_dir = args.run_dir or default_run_dir(args.gin, args.bind)
     spec = RunSpec(tuple(args.gin), tuple(args.bind), run_dir, args.force)
     try:
+        check_not_only_diffs(spec.gin_files)
         config = parse(spec.gin_files, spec.bindings)
         resources = with_backend(cluster(), args.backend)
         if args.dry_run:

@@ -9,7 +9,6 @@ as a W&B Report (wandb-workspaces) and saved — that needs W&B online with a ke
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os

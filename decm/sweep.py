@@ -350,7 +350,6 @@ def reap(study) -> list[int]:
 
 def finalize(spec: SweepSpec) -> dict:
     """best.gin, trials.csv and the plots; returns a summary."""
-    import optuna
     from optuna.trial import TrialState
 
     study = load_study(spec)
@@ -367,7 +366,7 @@ def finalize(spec: SweepSpec) -> dict:
         summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
                            "run_dir": best.user_attrs.get("run_dir")}
         lines = [f"# Best trial {best.number} of study {spec.study!r}: {spec.metric} = {best.value:.6g}",
-                 f"# run directory: {best.user_attrs.get('run_dir')}", f"# use: --gin <experiment> --gin this file"]
+                 f"# run directory: {best.user_attrs.get('run_dir')}", "# use: --gin <experiment> --gin this file"]
         lines += [f"{k} = {literal(v)}  # swept" for k, v in best.params.items()]
         with open(os.path.join(spec.sweep_dir, "best.gin"), "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -422,7 +421,7 @@ def plot_history(study, spec: SweepSpec, path: str) -> bool:
 
 def plot_slices(study, spec: SweepSpec, path: str) -> bool:
     """One panel per swept parameter (value of each complete trial vs the parameter), 3 per row."""
-    from decm.plots import grid, metric_label, save
+    from decm.plots import grid, metric_label
 
     done = _complete(study)
     params = [p for p in spec.space if any(p in t.params for t in done)]

@@ -14,65 +14,19 @@ import sys
 import time
 
 import gin
-import numpy as np
 import torch
 
 from decm import checkpoint, distributed, preemption
 from decm.method.objective import NonFiniteTargetError
 from decm.method.teachers import NetworkTeacher
+from decm.models.build import (  # noqa: F401  (re-exported: older imports of these names from decm.train)
+    TEACHER_SOURCES, backbone_kwargs, load_network_teacher, student_from_teacher)
+from decm.seeding import step_generator
 from decm.tracking import StatsWriter
 
 
 class TrainingDiverged(RuntimeError):
     """Raised when too many consecutive steps are non-finite; the last good checkpoint is kept."""
-
-
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """A torch.Generator seeded from (seed, rank, step) only (independent of history)."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def backbone_kwargs(dataset) -> dict:
-    """Arguments a backbone factory takes from the dataset (images: size/channels; vectors: dim)."""
-    shape = tuple(dataset.shape)
-    if len(shape) == 3:
-        return dict(input_size=shape[-1], in_channels=shape[0], num_classes=dataset.num_classes)
-    return dict(dim=shape[0], num_classes=dataset.num_classes)
-
-
-TEACHER_SOURCES = ("analytic", "checkpoint", "sit", "lightningdit")
-
-
-def load_network_teacher(backbone, dataset, teacher_source: str, teacher_checkpoint: str, device):
-    """Builds the velocity backbone and loads the teacher's weights.
-
-    'checkpoint': the EMA of the newest valid checkpoint of a decm teacher run (dir or checkpoints dir);
-    'sit' / 'lightningdit': an official checkpoint file (decm.models.official: names and shapes checked).
-    """
-    net = backbone(**backbone_kwargs(dataset), flow_map=False)
-    if teacher_source in ("sit", "lightningdit"):
-        from decm.models.official import load_official
-
-        load_official(teacher_checkpoint, net, teacher_source)
-        return net.to(device)
-    directory = os.path.join(teacher_checkpoint, "checkpoints") if os.path.isdir(
-        os.path.join(teacher_checkpoint, "checkpoints")) else teacher_checkpoint
-    path, state = checkpoint.latest_valid(directory)
-    if state is None:
-        raise FileNotFoundError(f"no valid teacher checkpoint in {directory!r} (set experiment.teacher_dir)")
-    net.load_state_dict(state["ema"])
-    return net.to(device)
-
-
-def student_from_teacher(backbone, dataset, teacher_net):
-    """Flow-map student = teacher weights + a zero-initialised s-embedder (F = v at init for all s)."""
-    student = backbone(**backbone_kwargs(dataset), flow_map=True)
-    missing, unexpected = student.load_state_dict(teacher_net.state_dict(), strict=False)
-    bad = [k for k in missing if not k.startswith("s_embedder.")]
-    if bad or unexpected:
-        raise RuntimeError(f"student/teacher mismatch: missing {bad}, unexpected {unexpected}")
-    return student
 
 
 @gin.configurable(denylist=["run_dir", "stage", "teacher_checkpoint", "tracker"])

@@ -2,10 +2,8 @@
 
 import importlib.util
 import math
-import os
 import sys
 
-import numpy as np
 import torch
 
 

@@ -10,7 +10,7 @@ from decm.method.guidance import CFG
 from decm.method.objective import decm_objective
 from decm.method.teachers import NetworkTeacher
 from decm.models.sit import sit
-from decm.train import step_generator
+from decm.seeding import step_generator
 
 
 def tiny_pair():

@@ -16,7 +16,7 @@ from decm.method.guidance import CFG
 from decm.method.objective import decm_objective
 from decm.method.teachers import NetworkTeacher
 from decm.models.sit import sit
-from decm.train import step_generator
+from decm.seeding import step_generator
 
 STEP = 0  # N2N (every 3rd step) is active at step 0, so all three terms and both JVPs run
 

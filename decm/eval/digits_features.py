@@ -8,7 +8,6 @@ Same code path as Inception at scale: the extractor is registered with torch-fid
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch

@@ -29,8 +29,7 @@ from decm.eval.metrics import energy_distance, sliced_wasserstein
 from decm.method.guidance import NoGuidance
 from decm.plots import line_panels
 from decm.registry import get as get_component
-from decm.sampling import TeacherEuler
-from decm.train import backbone_kwargs, load_network_teacher
+from decm.models.build import backbone_kwargs, load_network_teacher
 
 
 def load_student(run_dir: str, backbone, dataset, use_ema: bool = True, step: int | None = None):

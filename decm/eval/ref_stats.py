@@ -10,7 +10,6 @@ the extractor name and n (decm/eval/fidelity.py). Bad input: one line, exit 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from decm.models.sit import at_least_fp32, flow_map_condition
+from decm.dtypes import at_least_fp32
+from decm.models.sit import flow_map_condition
 from decm.registry import register
 
 

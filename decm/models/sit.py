@@ -20,7 +20,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Attention, Mlp
 from torch import nn
 
-from decm.method.shapes import at_least_fp32
+from decm.dtypes import at_least_fp32
 from decm.registry import register
 
 # name: (depth, hidden_size, num_heads, patch_size, extra options)
