@@ -1,7 +1,7 @@
 """Loss-divergence study: is the self-supervised part of the CM objective what destabilises training,
 and does the flow-matching boundary term calm it?
 
-    python analysis/loss_divergence.py [--benchmark toy2d] [--steps 600] [--configs ...]
+    python analysis/loss_divergence.py [--benchmark toy2d] [--steps 600] [--seeds 3] [--configs ...]
     python analysis/loss_divergence.py --runs RUN_DIR [RUN_DIR ...]      # analyse existing runs
 
 Each configuration is a short distillation run (the benchmark's model, data, teacher and batch) with
@@ -171,7 +171,9 @@ def main(argv=None) -> int:
                    help="toy2d: the 2-D mixture with the analytic teacher; digits: the quickstart")
     p.add_argument("--configs", nargs="+", default=None, help=f"subset of: {' '.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=600, help="distillation steps per configuration")
-    p.add_argument("--seed", type=int, default=0, help="distill/train.seed of every configuration")
+    p.add_argument("--seed", type=int, default=0, help="first distill/train.seed of every configuration")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (seed … seed + N − 1); "
+                                                        "the table over seeds gives mean ± sample sd")
     p.add_argument("--runs", nargs="+", default=None, help="analyse these run directories instead of training")
     p.add_argument("--bind", action="append", default=[], help="extra gin binding for every configuration")
     p.add_argument("--window", type=int, default=50, help="running-median window (steps)")
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.getcwd())
     from decm.tracking import read_stats
 
-    descriptions = {}
+    descriptions, seeded = {}, {}
     try:
         if args.runs:
             dirs = {}
@@ -200,15 +202,20 @@ def main(argv=None) -> int:
                 raise ValueError(f"unknown configs {bad}; choices: {' '.join(CONFIGS)}")
             from decm.job import parse, prepare, run
 
-            dirs = {}
-            for i, name in enumerate(names):
-                spec = config_spec(args.benchmark, name, args.steps, args.seed, args.runs_root, args.bind)
-                print(f"[loss_divergence] {i + 1}/{len(names)} {name}", file=sys.stderr, flush=True)
-                prepare(spec)
-                parse(spec.gin_files, spec.bindings)
-                run(spec)
-                dirs[name] = spec.run_dir
-                descriptions[name] = CONFIGS[name][2]
+            if args.seeds < 1:
+                raise ValueError("--seeds must be ≥ 1")
+            dirs, seeded = {}, {}
+            for seed in range(args.seed, args.seed + args.seeds):
+                for i, name in enumerate(names):
+                    spec = config_spec(args.benchmark, name, args.steps, seed, args.runs_root, args.bind)
+                    print(f"[loss_divergence] seed {seed}, {i + 1}/{len(names)} {name}", file=sys.stderr, flush=True)
+                    prepare(spec)
+                    parse(spec.gin_files, spec.bindings)
+                    run(spec)
+                    seeded.setdefault(name, {})[seed] = spec.run_dir
+                    if seed == args.seed:
+                        dirs[name] = spec.run_dir
+                    descriptions[name] = CONFIGS[name][2]
     except (FileNotFoundError, ValueError) as e:
         print(f"loss_divergence: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -218,8 +225,47 @@ def main(argv=None) -> int:
     summaries = {n: analyse(st, args.window, args.loss_factor, args.grad_factor) for n, st in named.items()}
     plots(named, summaries, out)
     print(write_summary(summaries, out, descriptions))
-    print(f"\n→ {out}/summary.md, summary.csv, summary.json, grad_parts.png, losses.png, divergence.png")
+    if len(next(iter(seeded.values()), {})) > 1:
+        by_seed = {n: {sd: analyse(read_stats(d), args.window, args.loss_factor, args.grad_factor)
+                       for sd, d in runs.items()} for n, runs in seeded.items()}
+        print("\nOver seeds (mean ± sample sd):\n" + write_over_seeds(by_seed, out, descriptions, args))
+    print(f"\n→ {out}/summary.md (seed {args.seed}), over_seeds.md, over_seeds.json, summary.csv, summary.json, "
+          "grad_parts.png, losses.png, divergence.png")
     return 0
+
+
+OVER_SEEDS = [("divergence_events", "divergence events", "{:.1f}"), ("grad/cm_sup/median", "median ‖∇ sup‖", "{:.2f}"),
+              ("grad/cm_self/median", "median ‖∇ self‖", "{:.2f}"), ("grad/cm_sup/cv", "CV sup", "{:.2f}"),
+              ("grad/cm_self/cv", "CV self", "{:.2f}"), ("grad/cm_sup_self_cos/mean", "cos(∇sup, ∇self)", "{:.2f}")]
+
+
+def write_over_seeds(by_seed: dict, out: str, descriptions: dict, args) -> str:
+    """Mean ± sample sd (ddof = 1) over seeds of the headline columns; records seeds, threads, torch."""
+    import torch
+
+    head = ["config"] + [label for _, label, _ in OVER_SEEDS]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = {}
+    for name, seeds in by_seed.items():
+        cells, table[name] = [], {}
+        for key, _, fmt in OVER_SEEDS:
+            vals = [float(sm[key]) for sm in seeds.values() if key in sm and np.isfinite(sm[key])]
+            if not vals:
+                cells.append("–")
+                continue
+            mean, sd = float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+            table[name][key] = {"mean": mean, "sd": sd, "values": vals}
+            cells.append(f"{fmt.format(mean)} ± {fmt.format(sd)}")
+        md.append(f"| {name} ({descriptions.get(name, '')}) | " + " | ".join(cells) + " |")
+    text = "\n".join(md)
+    meta = {"seeds": sorted(next(iter(by_seed.values()))), "steps": args.steps, "benchmark": args.benchmark,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    with open(os.path.join(out, "over_seeds.md"), "w") as f:
+        f.write(f"# Loss divergence over seeds {meta['seeds']} ({args.steps} steps, {meta['threads']} threads, "
+                f"torch {meta['torch']})\n\n{text}\n")
+    with open(os.path.join(out, "over_seeds.json"), "w") as f:
+        json.dump({"meta": meta, "table": table, "per_seed": by_seed}, f, indent=2)
+    return text
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Analysis scripts: the CM gradient split, per-hop errors of the exact flow map, produced files."""
 
 import importlib.util
+import json
 import math
 import sys
 
@@ -105,11 +106,15 @@ def test_scripts_produce_their_files(tmp_path):
     out = tmp_path / "ld"
     common = ["--bind", "backbones.mlp.width = 16", "--bind", "distill/train.batch_size = 32",
               "--bind", "wandb.enabled = False"]
-    assert loss_divergence.main(["--configs", "cd_only", "cd_fm", "instantaneous", "--steps", "8",
+    assert loss_divergence.main(["--configs", "cd_only", "cd_fm", "instantaneous", "--steps", "8", "--seeds", "2",
                                  "--runs-root", str(tmp_path / "runs"), "--out", str(out)] + common) == 0
     for f in ("summary.md", "summary.csv", "summary.json", "grad_parts.png", "losses.png", "divergence.png"):
         assert (out / f).stat().st_size > 0, f
     assert "grad/cm_self/median" in (out / "summary.json").read_text()
+    over = json.loads((out / "over_seeds.json").read_text())
+    assert over["meta"]["seeds"] == [0, 1] and over["meta"]["threads"] >= 1 and over["meta"]["torch"]
+    assert len(over["table"]["cd_only"]["divergence_events"]["values"]) == 2
+    assert " ± " in (out / "over_seeds.md").read_text()
     out2 = tmp_path / "ea"
     assert error_accumulation.main(["--nfe", "1", "2", "--n", "64", "--steps", "8", "--ode-steps", "50",
                                     "--runs-root", str(tmp_path / "abl"), "--out", str(out2),
@@ -118,3 +123,31 @@ def test_scripts_produce_their_files(tmp_path):
         assert (out2 / f).stat().st_size > 0, f
     assert loss_divergence.main(["--configs", "nope"]) == 2
     assert error_accumulation.main(["--runs", str(tmp_path / "absent")]) == 2
+
+
+def test_a_rerun_with_new_settings_trains_anew_and_the_default_output_is_fresh(tmp_path):
+    """Run directories depend on every setting: --steps 4 then --steps 6 are two runs, and the second
+    table reports 6 steps (the old runs are never presented as new). Without --out nothing under
+    analysis/results/ is touched."""
+    import glob
+    import os
+
+    committed = {p: os.path.getmtime(p) for p in glob.glob("analysis/results/**/*", recursive=True)}
+    common = ["--configs", "instantaneous", "--seeds", "1", "--runs-root", str(tmp_path / "runs"),
+              "--bind", "backbones.mlp.width = 16", "--bind", "distill/train.batch_size = 16",
+              "--bind", "wandb.enabled = False"]
+    assert loss_divergence.main(common + ["--steps", "4", "--out", str(tmp_path / "a")]) == 0
+    before = set(glob.glob("runs/analysis/loss_divergence-*"))
+    assert loss_divergence.main(common + ["--steps", "6"]) == 0  # default --out
+    fresh = set(glob.glob("runs/analysis/loss_divergence-*")) - before
+    try:
+        assert len(fresh) == 1
+        steps = json.loads(open(os.path.join(fresh.pop(), "summary.json")).read())["instantaneous"]["steps"]
+        assert steps == 6
+    finally:
+        import shutil
+
+        for d in set(glob.glob("runs/analysis/loss_divergence-*")) - before:
+            shutil.rmtree(d)
+    assert len(glob.glob(str(tmp_path / "runs" / "toy2d" / "instantaneous-seed0-*"))) == 2
+    assert {p: os.path.getmtime(p) for p in committed} == committed
