@@ -33,6 +33,11 @@ BENCHMARKS = {"toy2d": ("gin/toy2d.gin", "sw2", False), "toy2d_cond": ("gin/toy2
               "toy2d_exact": ("gin/toy2d_exact_teacher.gin", "sw2", False),
               "digits": ("gin/quickstart.gin", "fid", True)}
 CLIP_ROWS = ("clip_off", "clip_on")  # η only changes the targets where CFG w > 1
+# Tuning (--tune): every row gets its own Optuna study with the same trials and steps per trial. The
+# objective is the mean chain metric at NFE 1, 2 and 4 on *held-out* noise and reference samples
+# (evaluate.seed 777, reference drawn from seed 778); the final evaluation uses evaluate.seed 1234 + k.
+TUNE_EVAL_SEED = 777
+TUNE_METRIC = "student.1.{m},student.2.{m},student.4.{m}"
 CORE = ["teacher", "fm_only", "cd_only", "fm_cd", "fm_n2n", "decm", "scm", "meanflow"]
 EXTENDED = ["lambda0", "lambda1", "r_decay_off", "clip_off", "clip_on", "n2n_every1", "n2n_every5"]
 LABELS = {"teacher": "teacher (Euler)", "fm_only": "FM only", "cd_only": "CD only", "fm_cd": "FM + CD (≈FACM)",
@@ -76,6 +81,43 @@ def config_key(gin_files, bindings) -> str:
 
     parse(gin_files, bindings)
     return hashlib.sha256(gin.config_str().encode()).hexdigest()[:12]
+
+
+def space_path(row: str) -> str:
+    """The row's search space, beside its gin diff."""
+    return f"gin/ablations/{row}.space.yaml"
+
+
+def tune_row(benchmark: str, row: str, trials: int, steps: int | None, runs_root: str, extra=()) -> dict:
+    """Runs (or resumes) the row's Optuna study and returns its best parameters, value and sweep dir."""
+    import hashlib
+    import json as json_
+
+    from decm import sweep
+
+    gin_file, metric, _ = BENCHMARKS[benchmark]
+    gin_files = (gin_file, f"gin/ablations/{row}.gin")
+    bindings = ("distill/train.seed = 0", f"evaluate.seed = {TUNE_EVAL_SEED}", "evaluate.student_nfe = (1, 2, 4)",
+                "evaluate.student_samplers = ('chain',)", "evaluate.teacher_nfe = ()", "train.progress = False",
+                f"wandb.group = 'tuning-{benchmark}'") + ((f"distill/train.steps = {steps}",) if steps else ()) + tuple(extra)
+    space = sweep.load_space(space_path(row))
+    key = hashlib.sha256((config_key(gin_files, bindings) + json_.dumps(space, sort_keys=True)).encode()).hexdigest()[:12]
+    sweep_dir = os.path.join(runs_root, "tuning", benchmark, f"{row}-{key}")
+    spec = sweep.SweepSpec(gin_files, bindings, space, sweep_dir, row, "", trials, TUNE_METRIC.format(m=metric))
+    sweep.validate(spec)
+    os.makedirs(sweep_dir, exist_ok=True)
+    with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
+        f.write(spec.to_json())
+    dead = sweep.reap(sweep.load_study(spec))  # a killed earlier attempt's RUNNING trial → FAIL (then retried)
+    if dead:
+        print(f"[ablation] tuning {row}: reaped trials {dead}", file=sys.stderr, flush=True)
+    print(f"[ablation] tuning {row}: {trials} trials → {sweep_dir}", file=sys.stderr, flush=True)
+    sweep.worker(spec, 0, 1)
+    summary = sweep.finalize(spec)
+    if summary["best"] is None:
+        raise ValueError(f"tuning {row}: no trial completed ({summary['states']}); see {sweep_dir}")
+    return {"params": summary["best"]["params"], "value": summary["best"]["value"], "sweep_dir": sweep_dir,
+            "states": summary["states"], "trials": trials, "steps": steps, "metric": spec.metric}
 
 
 def run_dir_of(specs, row: str, seed: int):
@@ -177,7 +219,7 @@ def relations(table) -> list[dict]:
     return out
 
 
-def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_order):
+def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_order, tuned=None, seconds=None):
     os.makedirs(out, exist_ok=True)
     head = ["row"] + [f"{'chain' if s == 'chain' else 'Euler F(x,t,t)'} {n}" for s, n in COLUMNS]
     md = [f"# Ablation table — {benchmark}, {metric} (lower is better), seeds {list(seeds)}", "",
@@ -191,7 +233,22 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
                 v = table[row][c]
                 vals += ["", ""] if v is None else [f"{v[0]:.6g}", f"{v[1]:.6g}"]
             f.write(",".join([row] + vals) + "\n")
-    md += ["", "Teacher columns: Euler on the teacher velocity at the same NFE.", "", "## Relations", ""]
+    md += ["", "Teacher columns: Euler on the teacher velocity at the same NFE. Mean ± sample sd (ddof = 1) "
+           "over training seeds.", ""]
+    if tuned:
+        any_row = next(iter(tuned.values()))
+        md += ["## Tuned values", "",
+               f"Each row: its own Optuna study, {any_row['trials']} trials × "
+               f"{any_row['steps'] or 'the benchmark'} steps, objective {any_row['metric']} on held-out noise and "
+               f"reference (evaluate.seed {TUNE_EVAL_SEED}); the table above evaluates the best configuration on "
+               "the final noise.", ""]
+        for row, t in tuned.items():
+            vals = ", ".join(f"`{k}` = {v:.4g}" if isinstance(v, float) else f"`{k}` = {v}" for k, v in t["params"].items())
+            md.append(f"- {LABELS.get(row, row)} (validation {t['value']:.4f}): {vals}")
+        md.append("")
+    if seconds is not None:
+        md += [f"Wall time of this command: {seconds:.0f} s.", ""]
+    md += ["## Relations", ""]
     for r in rels:
         mark = "n/a" if r["holds"] is None else ("holds" if r["holds"] else "does NOT hold")
         md.append(f"- {r['relation']}: **{mark}** — {r['detail']}")
@@ -200,7 +257,9 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
     with open(os.path.join(out, "relations.json"), "w") as f:
         json.dump(rels, f, indent=2)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump({"runs": results, "tuned": tuned or {}, "seconds": seconds, "seeds": list(seeds),
+                   "table": {row: {f"{s}_{n}": v for (s, n), v in cols.items()} for row, cols in table.items()}},
+                  f, indent=2)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,6 +291,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds per row (distill/train.seed = 0 … N−1)")
     p.add_argument("--rows", nargs="+", default=None, help=f"subset of rows (default: {' '.join(CORE)})")
     p.add_argument("--extended", action="store_true", help="add the λ / r-decay / clipping / N2N-period rows")
+    p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                   help="tune every row first: its own Optuna study of TRIALS trials over its space "
+                        "(gin/ablations/<row>.space.yaml) on held-out noise, then train the best with --seeds")
+    p.add_argument("--tune-steps", type=int, default=None, help="steps per tuning trial (default: --steps, else the "
+                                                                  "benchmark's)")
     p.add_argument("--steps", type=int, default=None, help="distillation steps for every row (default: the benchmark's)")
     p.add_argument("--backend", default="local", choices=("local", "local-subprocess", "slurm"),
                    help="rows in this process one after another, or as submitit jobs")
@@ -261,17 +325,36 @@ def main(argv=None) -> int:
     from decm.job import ConfigError
 
     seeds = list(range(args.seeds))
+    t0 = time.time()
+    tuned = {}
     try:
-        specs = [row_spec(args.benchmark, r, s, args.steps, args.runs_root, args.bind) for r in rows for s in seeds]
+        if args.tune:
+            missing = [r for r in rows if r != "teacher" and not os.path.exists(space_path(r))]
+            if missing:
+                raise ValueError(f"--tune: rows {missing} have no search space ({space_path(missing[0])})")
+            for r in rows:
+                if r != "teacher":
+                    tuned[r] = tune_row(args.benchmark, r, args.tune, args.tune_steps or args.steps, args.runs_root,
+                                        args.bind)
+        from decm.sweep import literal
+
+        extra = {r: tuple(args.bind) + tuple(f"{k} = {literal(v)}" for k, v in tuned.get(r, {}).get("params", {}).items())
+                 for r in rows}
+        specs = [row_spec(args.benchmark, r, s, args.steps, args.runs_root, extra[r]) for r in rows for s in seeds]
         results = run_all(specs, args.backend, args.cluster_gin)
     except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"ablation_table: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 — e.g. sweep.SweepError from a bad space
+        if type(e).__name__ != "SweepError":
+            raise
         print(f"ablation_table: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     metric = BENCHMARKS[args.benchmark][1]
     table = aggregate(results, rows, seeds, specs, metric)
     rels = relations(table)
     out = args.out or os.path.join("runs", "analysis", time.strftime(f"ablation-{args.benchmark}-%Y%m%d-%H%M%S"))
-    print(write_outputs(table, rels, results, out, args.benchmark, metric, seeds, rows))
+    print(write_outputs(table, rels, results, out, args.benchmark, metric, seeds, rows, tuned, time.time() - t0))
     print(f"\n→ {out}/table.md, table.csv, relations.json, results.json, plot.png")
     return 0
 

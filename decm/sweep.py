@@ -158,9 +158,10 @@ def validate(spec: SweepSpec) -> None:
     parse(spec.gin_files, spec.bindings)
     dataset = gin.query_parameter("evaluate.dataset").scoped_configurable_fn()
     produced = metric_paths(dataset)
-    if spec.metric not in produced:
-        raise SweepError(f"--metric {spec.metric!r} is not produced by this experiment's evaluation; it writes "
-                         f"{', '.join(produced)}")
+    missing = [p.strip() for p in spec.metric.split(",") if p.strip() not in produced]
+    if missing:
+        raise SweepError(f"--metric {', '.join(repr(m) for m in missing)} is not produced by this experiment's "
+                         f"evaluation; it writes {', '.join(produced)}")
 
 
 def storage_for(spec: SweepSpec, workers: int = 1):
@@ -213,6 +214,11 @@ def suggest(trial, space: dict) -> list[str]:
 
 
 def metric_value(metrics: dict, path: str) -> float:
+    """The metrics.json value at `path`; 'a,b,c' is the mean of the values at a, b and c (e.g. the mean
+    SW2 over NFE 1, 2 and 4)."""
+    if "," in path:
+        parts = [p.strip() for p in path.split(",")]
+        return sum(metric_value(metrics, p) for p in parts) / len(parts)
     node = metrics
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:

@@ -167,6 +167,36 @@ def test_table_script_runs_rows_and_writes_every_output(tmp_path):
     rows = (out / "table.csv").read_text().strip().splitlines()
     assert len(rows) == 4 and rows[0].startswith("row,chain_1_mean")
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 6  # 3 rows × 2 seeds
+    assert len(results["runs"]) == 6  # 3 rows × 2 seeds
     assert (out / "plot.png").stat().st_size > 0
     assert ablation.main(["--rows", "nope"]) == 2
+
+
+def test_tuning_gives_every_row_the_same_budget_resumes_and_reports_the_chosen_values(tmp_path):
+    import optuna
+
+    from decm import sweep
+
+    out = tmp_path / "out"
+    base = ["--benchmark", "toy2d_exact", "--rows", "fm_only", "fm_cd", "--steps", "6", "--seeds", "2",
+            "--tune-steps", "6", "--runs-root", str(tmp_path / "runs"), "--out", str(out),
+            "--bind", "backbones.mlp.width = 16", "--bind", "evaluate.n_samples = 200", "--bind", "wandb.enabled = False"]
+    assert ablation.main(base + ["--tune", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tuned"]) == {"fm_only", "fm_cd"}
+    for row, t in results["tuned"].items():
+        study = optuna.load_study(study_name=row, storage=sweep.storage_for(sweep.SweepSpec((), (), {}, t["sweep_dir"], row)))
+        assert len(study.trials) == 2  # the same budget for every row
+        assert set(t["params"]) == set(sweep.load_space(ablation.space_path(row)))
+        assert "evaluate.seed = 777" in open(study.trials[0].user_attrs["run_dir"] + "/config.gin").read() or \
+            "evaluate.seed = 777" in "".join(open(study.trials[0].user_attrs["run_dir"] + "/gin/bindings.gin"))
+    md = (out / "table.md").read_text()
+    assert "## Tuned values" in md and "`distill/train.lr` = " in md
+    # the final runs use the tuned values and the final evaluation seed
+    final = [d for d in results["runs"] if "fm_cd-seed1-" in d][0]
+    bindings = open(final + "/gin/bindings.gin").read()
+    assert "evaluate.seed = 1235" in bindings and "losses.cm_loss.clamp = " in bindings
+    assert ablation.main(base + ["--tune", "3"]) == 0  # rerun: the studies continue to 3 trials
+    t = json.loads((out / "results.json").read_text())["tuned"]["fm_cd"]
+    study = optuna.load_study(study_name="fm_cd", storage=sweep.storage_for(sweep.SweepSpec((), (), {}, t["sweep_dir"], "fm_cd")))
+    assert len(study.trials) == 3
