@@ -143,6 +143,11 @@ def validate(spec: SweepSpec) -> None:
     from decm.job import ConfigError, build, parse
 
     check_space(spec.space)
+    try:  # the experiment itself first, so that its own problems are not blamed on a space value
+        parse(spec.gin_files, tuple(spec.bindings))
+        build("/nonexistent/sweep-validation")
+    except ConfigError as e:
+        raise SweepError(f"the experiment (--gin / --bind, before any space value): {e}") from None
     for extra in candidate_bindings(spec.space):
         try:
             parse(spec.gin_files, tuple(spec.bindings) + tuple(extra))

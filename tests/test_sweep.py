@@ -137,3 +137,12 @@ def test_a_sweep_journal_opens_in_optuna_dashboard(tmp_path):
     body = b"".join(wsgi(storage)(env, lambda s, h, exc_info=None: status.update(code=s)))
     assert status["code"] == "200 OK" and b'"study_name": "dash"' in body
     assert study.trials_dataframe().shape[0] == 2
+
+
+def test_a_broken_experiment_is_not_blamed_on_the_space(tmp_path, capsys):
+    args = argv(tmp_path, 2, 1)
+    args[args.index("--gin") + 1] = "sweeps/toy2.gin"
+    assert weight_sweep.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the experiment (--gin / --bind" in err[0] and "gin file not found: sweeps/toy2.gin" in err[0]
+    assert "space" not in err[0].split("gin file not found")[1]
