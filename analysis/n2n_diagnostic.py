@@ -13,6 +13,8 @@ run and every saved checkpoint (`--ckpt-every`) the script measures, on fixed he
   that produce the targets in training;
 - **student errors by (t, s)**: RMS(F_θ(x*_t, t, s) − F*(x*_t, t, s)) of the EMA student on the exact
   trajectory, for the hops of 1-, 2- and 4-step sampling — where the error grows once N2N is on;
+- **target errors by end time**: at the last checkpoint, the N2N target on (0, t) and the CM target on
+  (t, 1) against F*, by bins of t — which end of each cluster's targets is far from the exact map;
 - **the shared point F(z, 0, 1)**: the CM target at t = 0 and the N2N target at (r, t) = (0, 1) both
   train F(z, 0, 1); their RMS disagreement and each one's distance to F*(z, 0, 1);
 - the run's own evaluation: SW2 of the flow-map chain at NFE 1/2/4 (metrics.json, lower is better).
@@ -47,9 +49,10 @@ VARIANTS = {
     "r_uniform": ("decm", ("selectors.noise_to_noisy.r_sampling = 'uniform'",)),
     "lambda_0": ("decm", ("losses.n2n_loss.lam = 0.0",)),
     "tangent_note": ("decm", ("losses.n2n_loss.tangent = @n2n_variants.tangent_note",)),
+    "n2n_t_max_0.5": ("decm", ("selectors.noise_to_noisy.t_max = 0.5",)),
 }
 DEFAULT_VARIANTS = ["fm_cd", "decm", "n2n_weight_0.3", "n2n_every_9", "w_prime_0.5", "r_decay_off", "r_decay_to_end",
-                    "lambda_0", "tangent_note"]  # the committed study; n2n_every_1, r_uniform on request
+                    "lambda_0", "tangent_note", "n2n_t_max_0.5"]  # the committed study; n2n_every_1, r_uniform on request
 # (t, s) pairs: the hops of 1-, 2- and 4-step chains on the uniform grid.
 PAIRS = [(0.0, 1.0), (0.0, 0.5), (0.5, 1.0), (0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
 BENCHMARK = "toy2d_exact"
@@ -107,6 +110,31 @@ def shared_point(objective, student, teacher, n: int, seed: int, ode_steps: int)
             "n2n_vs_exact": rms(n2n_target, exact), "student_vs_exact": rms(student(z, zero, one).detach(), exact)}
 
 
+T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def target_errors_by_t(objective, student, teacher, n: int, seed: int, ode_steps: int) -> dict:
+    """RMS(target − F*) by bins of the end time: the N2N target on (0, t) and the CM target on (t, 1), t on a
+    uniform grid — which part of each cluster's targets is far from the exact flow map."""
+    from decm.method.losses import CMLoss, N2NLoss
+    from decm.method.objective import Context
+
+    g = torch.Generator().manual_seed(seed)
+    x1 = teacher.sample(n, g)
+    z = torch.randn(x1.shape, generator=g)
+    t = (torch.arange(n) + 0.5) / n
+    ctx = Context(student, teacher, objective.guidance, x1, z, None, 10 ** 9, objective.jvp_method, "mask", g)
+    out = {}
+    cm = next((t_.loss for t_ in objective.terms if isinstance(t_.loss, CMLoss)), None) or CMLoss()
+    n2n = next((t_.loss for t_ in objective.terms if isinstance(t_.loss, N2NLoss)), None) or N2NLoss()
+    for name, (a, b, loss) in {"n2n (0→t)": (torch.zeros(n), t, n2n), "cm (t→1)": (t, torch.ones(n), cm)}.items():
+        x, target = loss.target(ctx, a, b)
+        err = ((target.detach() - exact_average_velocity(teacher, x, a, b, ode_steps)) ** 2).flatten(1).sum(1)
+        out[name] = {f"{lo:g}–{hi:g}": float(err[(t >= lo) & (t < hi)].mean().sqrt())
+                     for lo, hi in zip(T_BINS[:-1], T_BINS[1:])}
+    return out
+
+
 def student_errors(student, teacher, n: int, seed: int, ode_steps: int) -> dict:
     """{'t→s': RMS(F_θ − F*)} on the exact trajectory x*_t from fixed noise, for the chain hops."""
     from decm.method.teachers import ode_flow
@@ -150,7 +178,25 @@ def diagnose_run(run_dir: str, n: int, seed: int, ode_steps: int) -> dict:
         checkpoints.append({"step": step, "targets": term_target_errors(objective, online, teacher, step, n, seed,
                                                                         ode_steps),
                             "student": errors, "shared": shared_point(objective, online, teacher, n, seed, ode_steps)})
+    if checkpoints:
+        checkpoints[-1]["by_t"] = target_errors_by_t(objective, online, teacher, n, seed, ode_steps)
     return {"run_dir": run_dir, "sw2": sw2, "checkpoints": checkpoints}
+
+
+def last_checkpoint_by_t(run_dir: str, n: int, seed: int, ode_steps: int) -> dict:
+    """target_errors_by_t with the run's newest online weights."""
+    import gin
+
+    from decm.eval.evaluate import load_student
+    from decm.job import parse
+
+    parse([os.path.join(run_dir, "config.gin")], [])
+    with gin.config_scope("distill"):
+        objective = gin.query_parameter("distill/train.objective").scoped_configurable_fn()
+    dataset = gin.query_parameter("train.dataset").scoped_configurable_fn()
+    online, _ = load_student(run_dir, gin.query_parameter("train.backbone").scoped_configurable_fn, dataset,
+                             use_ema=False)
+    return target_errors_by_t(objective, online, dataset.analytic_teacher(), n, seed, ode_steps)
 
 
 def cached_diagnosis(run_dir: str, n: int, ode_steps: int, seed: int = 7) -> dict:
@@ -161,7 +207,13 @@ def cached_diagnosis(run_dir: str, n: int, ode_steps: int, seed: int = 7) -> dic
         with open(path) as f:
             cached = json.load(f)
         if cached.get("key") == key:
-            return cached["result"]
+            result = cached["result"]
+            if result["checkpoints"] and "by_t" not in result["checkpoints"][-1]:  # added later: fill it in
+                result["checkpoints"][-1]["by_t"] = last_checkpoint_by_t(run_dir, n, seed, ode_steps)
+                with open(path + ".tmp", "w") as f:
+                    json.dump({"key": key, "result": result}, f)
+                os.replace(path + ".tmp", path)
+            return result
     print(f"[n2n_diagnostic] diagnosing {run_dir}", file=sys.stderr, flush=True)
     result = diagnose_run(run_dir, n, seed, ode_steps)
     with open(path + ".tmp", "w") as f:
@@ -183,6 +235,9 @@ def summarise(results: dict, variants, seeds) -> dict:
             vals = {f"SW2 NFE {k}": res["sw2"].get(k) for k in ("1", "2", "4")}
             vals.update({f"F err {k}": e for k, e in last["student"].items() if k in ("0→1", "0→0.5", "0.5→1", "0→0.25")})
             vals.update({f"target err {k}": e for k, e in last["targets"].items()})
+            for name, bins in last.get("by_t", {}).items():
+                for b, e in bins.items():
+                    vals[f"{name.split()[0]} target err t∈{b}"] = e
             vals["(0,1) cm vs n2n target"] = last["shared"]["cm_vs_n2n"]
             vals["(0,1) cm target err"] = last["shared"]["cm_vs_exact"]
             vals["(0,1) n2n target err"] = last["shared"]["n2n_vs_exact"]

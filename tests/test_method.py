@@ -208,3 +208,15 @@ def test_finite_difference_jvp_matches_autograd_on_exact_map():
     _, a = flow_map_jvp(bad, x, t, s, None, dx, dt, ds, method="autograd")
     _, b = flow_map_jvp(bad, x, t, s, None, dx, dt, ds, method="fd", fd_eps=1e-5)
     assert torch.allclose(a, b, atol=1e-8)
+
+
+def test_noise_to_noisy_t_max_limits_the_end_time():
+    from decm.method.selectors import NoiseToNoisy
+
+    u = torch.linspace(0, 1, 101)
+    r, t = NoiseToNoisy(delta=0.1, decay_steps=0)(u, 0)
+    assert torch.allclose(t, 0.1 + 0.9 * u)  # the paper's: any t up to 1
+    r, t = NoiseToNoisy(delta=0.1, decay_steps=0, t_max=0.5)(u, 0)
+    assert float(t.max()) == pytest.approx(0.5) and float(t.min()) == pytest.approx(0.1) and (r == 0.1).all()
+    with pytest.raises(ValueError, match="t_max"):
+        NoiseToNoisy(delta=0.1, t_max=0.05)

@@ -51,19 +51,24 @@ def r_schedule(step: int, delta: float, decay_steps: int) -> float:
 
 @register("selectors", "noise_to_noisy")
 class NoiseToNoisy(Selector):
-    """N2N cluster: from r ≈ 0 to any t: r = max(0, (1 − step/decay)·δ), t = r + (1 − r)·u.
+    """N2N cluster: from r ≈ 0 to any t: r = max(0, (1 − step/decay)·δ), t = r + (t_max − r)·u.
 
     Args:
       delta: initial r (paper: 0.1).
       decay_steps: steps over which r decays linearly to 0 (paper: 20000; ≤ 0 disables decay).
       r_sampling: 'fixed' uses r_max(step) for every sample (paper note); 'uniform' draws
         r ~ U(0, r_max(step)) per sample.
+      t_max: largest end time t (paper: 1, "to any point"). Below 1, N2N trains only the noise end of
+        the trajectory and leaves the long spans to t ≈ 1 to the consistency cluster (our option; see
+        README "N2N diagnostic" for why).
     """
 
-    def __init__(self, delta: float = 0.1, decay_steps: int = 20000, r_sampling: str = "fixed"):
+    def __init__(self, delta: float = 0.1, decay_steps: int = 20000, r_sampling: str = "fixed", t_max: float = 1.0):
         if r_sampling not in ("fixed", "uniform"):
             raise ValueError(f"noise_to_noisy.r_sampling must be 'fixed' or 'uniform', got {r_sampling!r}")
-        self.delta, self.decay_steps, self.r_sampling = delta, decay_steps, r_sampling
+        if not delta < t_max <= 1.0:
+            raise ValueError(f"noise_to_noisy.t_max must be in (delta, 1], got {t_max!r} (delta {delta!r})")
+        self.delta, self.decay_steps, self.r_sampling, self.t_max = delta, decay_steps, r_sampling, t_max
 
     def __call__(self, u, step, generator=None):
         r_max = r_schedule(step, self.delta, self.decay_steps)
@@ -71,7 +76,7 @@ class NoiseToNoisy(Selector):
             r = torch.full_like(u, r_max)
         else:
             r = torch.rand(u.shape, generator=generator).to(u) * r_max
-        t = r + (1.0 - r) * u
+        t = r + (self.t_max - r) * u
         return r, t
 
 
