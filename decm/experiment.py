@@ -18,7 +18,7 @@ from decm.eval.evaluate import evaluate
 from decm.train import train
 
 # Gin modules whose bindings cannot change a pretrained teacher (excluded from its cache key).
-_NOT_TEACHER = ("objectives.", "losses.", "selectors.", "n2n_variants.", "guidance.", "evaluate.",
+_NOT_TEACHER = ("objectives.objective.", "objectives.term.", "losses.", "selectors.", "n2n_variants.", "guidance.", "evaluate.",
                 "experiment.", "samplers.", "time_samplers.", "teachers.", "cluster.", "wandb.")
 
 
@@ -35,14 +35,19 @@ def gin_statements(config: str) -> list[str]:
     return out
 
 
-def teacher_key(config: str) -> str:
-    """Hash of the bindings that define the teacher: `teacher/`-scoped and unscoped data/model/train ones."""
+def teacher_key() -> str:
+    """Hash of the parsed bindings that define the teacher: `teacher/`-scoped ones and unscoped data/model/
+    train ones, by the names users bind (so `objectives.objective.terms`, which gin writes as
+    `objective.terms`, is recognised as a distillation setting and never splits the teacher cache)."""
+    import gin.config
+
+    from decm.gin_names import bound_names
+
     keep = []
-    for stmt in gin_statements(config):
-        selector = stmt.split("=", 1)[0].strip()
-        scope, _, name = selector.rpartition("/")
-        if scope == "teacher" or (not scope and not name.startswith(_NOT_TEACHER)):
-            keep.append(stmt)
+    for name, value in bound_names(gin.config._CONFIG).items():  # noqa: SLF001
+        scope, _, selector = name.rpartition("/")
+        if scope == "teacher" or (not scope and not selector.startswith(_NOT_TEACHER)):
+            keep.append(f"{name} = {value!r}")
     return hashlib.sha256("\n".join(sorted(keep)).encode()).hexdigest()[:12]
 
 
@@ -83,7 +88,7 @@ def experiment(
         tracker = Tracker(run_dir, rank=rank)
     try:
         if "teacher" in stages:
-            teacher_ckpt = teacher_dir or os.path.join(cache_root, f"teacher-{teacher_key(gin.config_str())}")
+            teacher_ckpt = teacher_dir or os.path.join(cache_root, f"teacher-{teacher_key()}")
             teacher_lock = (run_lock.hold(teacher_ckpt, wait=True, what="teacher")
                             if not build_only and rank == 0 else contextlib.nullcontext())
             with teacher_lock, gin.config_scope("teacher"):

@@ -185,3 +185,22 @@ def test_progress_in_a_log_file_is_plain_lines(tmp_path):
     assert "loss" in lines[-1] and "it/s" in lines[-1]
     wandb_lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "wandb" in l.lower()]
     assert len(wandb_lines) == 1 and "wandb sync" in wandb_lines[0], wandb_lines
+
+
+def test_teacher_cache_key_ignores_distillation_settings_and_follows_teacher_ones():
+    """Every ablation row distils from the same cached teacher; anything that changes the teacher
+    (its steps, the data, the width, its label dropout) changes the key."""
+    from decm.experiment import teacher_key
+    from decm.job import parse
+
+    def key(*extra, row="decm"):
+        parse(["gin/toy2d_cond.gin", f"gin/ablations/{row}.gin"], ["distill/train.seed = 3", *extra])
+        return teacher_key()
+
+    base = key()
+    assert {key(row=r) for r in ("fm_only", "fm_cd", "fm_n2n", "scm", "meanflow", "cd_only", "lambda0")} == {base}
+    assert key("distill/train.lr = 0.1", "losses.cm_loss.target = 'plain'", "guidance.cfg.scale = 3.0") == base
+    for teacher_setting in ("teacher/train.steps = 10", "backbones.mlp.width = 64", "train.batch_size = 8",
+                            "objectives.flow_matching_pretrain.label_dropout = 0.2",
+                            "datasets.gaussian_mixture_2d.std = 0.2"):
+        assert key(teacher_setting) != base, teacher_setting
