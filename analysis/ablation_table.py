@@ -213,6 +213,9 @@ def relations(table) -> list[dict]:
         v = table.get(row, {}).get(col)
         return None if v is None else v[0]
 
+    def f4(v):
+        return "—" if v is None else f"{v:.4f}"
+
     out = []
 
     def check(name, ok, detail):
@@ -221,9 +224,10 @@ def relations(table) -> list[dict]:
     e50, c4, c2, c1 = ("euler_instant", 50), ("chain", 4), ("chain", 2), ("chain", 1)
     a, b = get("cd_only", e50), get("fm_cd", e50)
     check("(a) CD only worse than FM + CD at 50 NFE (Euler on F(x,t,t))", None if None in (a, b) else a > b,
-          f"CD only {a}, FM + CD {b}")
+          f"CD only {f4(a)}, FM + CD {f4(b)}")
     a, b = get("fm_cd", c4), get("fm_cd", c2)
-    check("(b) FM + CD: 4 NFE worse than 2 NFE (chain)", None if None in (a, b) else a > b, f"4 NFE {a}, 2 NFE {b}")
+    check("(b) FM + CD: 4 NFE worse than 2 NFE (chain)", None if None in (a, b) else a > b,
+          f"4 NFE {f4(a)}, 2 NFE {f4(b)}")
     for col, label in ((c4, "4 NFE chain"), (e50, "50 NFE Euler"), (("chain", 50), "50 NFE chain")):
         vals = {r: get(r, col) for r in DISTILLED if get(r, col) is not None}
         if "decm" in vals:
@@ -234,7 +238,7 @@ def relations(table) -> list[dict]:
                   "; ".join(f"{LABELS[r]} {v:.4f}" for r, v in sorted(vals.items(), key=lambda p: p[1])))
     d, s, m = get("decm", c1), get("scm", c1), get("meanflow", c1)
     check("(d) DE-CM ≤ sCM and ≤ MeanFlow at 1 NFE", None if None in (d, s, m) else (d <= s and d <= m),
-          f"DE-CM {d}, sCM {s}, MeanFlow {m}")
+          f"DE-CM {f4(d)}, sCM {f4(s)}, MeanFlow {f4(m)}")
     return out
 
 
@@ -286,19 +290,26 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows_order:
+    from decm.plots import metric_label, save, spans_decades
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ys, styles = [], ["-", "--", ":", "-."]
+    for i, row in enumerate(rows_order):
         pts = [(n, table[row][(s, n)][0]) for s, n in COLUMNS if s == "chain" and table[row][(s, n)]]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(row, row))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls=styles[i // 10 % 4], label=LABELS.get(row, row))
+            ys += [p[1] for p in pts]
+    nfes = sorted({n for s, n in COLUMNS if s == "chain"})
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE (chain; teacher: Euler)")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "plot.png"), dpi=110)
-    plt.close(fig)
+    ax.set_xticks(nfes)
+    ax.set_xticklabels([str(n) for n in nfes])
+    ax.minorticks_off()
+    if spans_decades(ys):
+        ax.set_yscale("log")
+    ax.set_xlabel("NFE (students: flow-map chain; teacher: Euler steps)")
+    ax.set_ylabel(metric_label(metric) + f", mean of {len(seeds)} seed(s)")
+    ax.legend(fontsize=8, ncol=2)
+    save(fig, os.path.join(out, "plot.png"), dpi=110)
     return "\n".join(md)
 
 
