@@ -56,6 +56,9 @@ DEFAULT_VARIANTS = ["fm_cd", "decm", "n2n_weight_0.3", "n2n_every_9", "w_prime_0
 # (t, s) pairs: the hops of 1-, 2- and 4-step chains on the uniform grid.
 PAIRS = [(0.0, 1.0), (0.0, 0.5), (0.5, 1.0), (0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
 BENCHMARK = "toy2d_exact"
+# The headline table's columns (the full table has every column).
+COMPACT = ["SW2 NFE 1", "SW2 NFE 2", "SW2 NFE 4", "F err 0→1", "F err 0→0.25", "F err 0.75→1",
+           "n2n target err t∈0–0.25", "n2n target err t∈0.75–1", "cm target err t∈0–0.25", "(0,1) cm vs n2n target"]
 
 
 def rms(a, b) -> float:
@@ -233,7 +236,7 @@ def summarise(results: dict, variants, seeds) -> dict:
                 continue
             last = res["checkpoints"][-1]
             vals = {f"SW2 NFE {k}": res["sw2"].get(k) for k in ("1", "2", "4")}
-            vals.update({f"F err {k}": e for k, e in last["student"].items() if k in ("0→1", "0→0.5", "0.5→1", "0→0.25")})
+            vals.update({f"F err {k}": e for k, e in last["student"].items() if k in ("0→1", "0→0.5", "0.5→1", "0→0.25", "0.75→1")})
             vals.update({f"target err {k}": e for k, e in last["targets"].items()})
             for name, bins in last.get("by_t", {}).items():
                 for b, e in bins.items():
@@ -260,9 +263,12 @@ def write_outputs(table: dict, results: dict, out: str, meta: dict) -> str:
     for row in table.values():
         columns += [c for c in row if c not in columns]
     fmt = lambda v: "—" if v is None else (f"{v[0]:.3f} ± {v[1]:.3f}" if v[2] > 1 else f"{v[0]:.3f}")  # noqa: E731
+    compact = [c for c in COMPACT if c in columns]
     md = [f"# N2N diagnostic — 2-D mixture, exact teacher, {meta['steps']} steps, seeds {meta['seeds']}", "",
           "RMS errors against the exact flow map F* (lower is better); mean ± sample sd over seeds.", "",
-          "| variant | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+          "## Headline", "", "| variant | " + " | ".join(compact) + " |", "|" + "---|" * (len(compact) + 1)]
+    md += [f"| {v} | " + " | ".join(fmt(row.get(c)) for c in compact) + " |" for v, row in table.items()]
+    md += ["", "## All columns", "", "| variant | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     with open(os.path.join(out, "table.csv"), "w") as f:
         f.write(",".join(["variant"] + [f"{c} {k}" for c in columns for k in ("mean", "sd")]) + "\n")
         for v, row in table.items():

@@ -151,3 +151,30 @@ def test_a_rerun_with_new_settings_trains_anew_and_the_default_output_is_fresh(t
             shutil.rmtree(d)
     assert len(glob.glob(str(tmp_path / "runs" / "toy2d" / "instantaneous-seed0-*"))) == 2
     assert {p: os.path.getmtime(p) for p in committed} == committed
+
+
+def test_n2n_diagnostic_runs_end_to_end_and_its_measures_are_exact_for_the_oracle(tmp_path):
+    n2n = load("n2n_diagnostic")
+    out = tmp_path / "out"
+    argv = ["--variants", "fm_cd", "decm", "--seeds", "2", "--steps", "8", "--ckpt-every", "4", "--n", "64",
+            "--ode-steps", "20", "--runs-root", str(tmp_path / "runs"), "--out", str(out),
+            "--bind", "backbones.mlp.width = 16", "--bind", "distill/train.batch_size = 16",
+            "--bind", "evaluate.n_samples = 100", "--bind", "wandb.enabled = False"]
+    assert n2n.main(argv) == 0
+    md = (out / "table.md").read_text()
+    assert "## Headline" in md and "| decm |" in md and " ± " in md
+    res = json.loads((out / "results.json").read_text())
+    run = res["runs"]["decm/seed0"]
+    assert [c["step"] for c in run["checkpoints"]] == [4, 8]
+    assert set(run["checkpoints"][-1]["targets"]) == {"cm", "fm", "n2n"}
+    assert set(run["checkpoints"][-1]["by_t"]) == {"n2n (0→t)", "cm (t→1)"}
+    assert (out / "trace.png").stat().st_size > 0
+    # the exact average velocity it compares against: the Gaussian's closed form, to solver precision
+    from decm.method.teachers import GaussianTeacher
+
+    teacher = GaussianTeacher(mean=[0.5, -0.3], std=0.4, shape=(2,))
+    x = torch.randn(32, 2, dtype=torch.float64)
+    t, s = torch.full((32,), 0.2, dtype=torch.float64), torch.full((32,), 0.9, dtype=torch.float64)
+    assert torch.allclose(n2n.exact_average_velocity(teacher, x, t, s, 200), teacher.average_velocity(x, t, s),
+                          atol=1e-8)
+    assert n2n.main(["--variants", "nope"]) == 2
