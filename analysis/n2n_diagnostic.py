@@ -265,6 +265,8 @@ def write_outputs(table: dict, results: dict, out: str, meta: dict) -> str:
     fmt = lambda v: "—" if v is None else (f"{v[0]:.3f} ± {v[1]:.3f}" if v[2] > 1 else f"{v[0]:.3f}")  # noqa: E731
     compact = [c for c in COMPACT if c in columns]
     md = [f"# N2N diagnostic — 2-D mixture, exact teacher, {meta['steps']} steps, seeds {meta['seeds']}", "",
+          f"Training time summed over the runs' own clocks: {meta.get('train_seconds_total', 0):.0f} s "
+          f"(this summary written by a {meta['threads']}-thread process, torch {meta['torch']}).", "",
           "RMS errors against the exact flow map F* (lower is better); mean ± sample sd over seeds.", "",
           "## Headline", "", "| variant | " + " | ".join(compact) + " |", "|" + "---|" * (len(compact) + 1)]
     md += [f"| {v} | " + " | ".join(fmt(row.get(c)) for c in compact) + " |" for v, row in table.items()]
@@ -343,11 +345,16 @@ def main(argv=None) -> int:
         print(f"n2n_diagnostic: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     results = {key: cached_diagnosis(spec.run_dir, args.n, args.ode_steps) for key, spec in specs.items()}
+    for key, spec in specs.items():  # the runs' own stage clocks (seconds)
+        with open(os.path.join(spec.run_dir, "summary.json")) as f:
+            summary = json.load(f)
+        results[key]["train_seconds"] = sum(v["seconds"] for v in summary.values() if isinstance(v, dict) and "seconds" in v)
     table = summarise(results, args.variants, seeds)
     out = args.out or os.path.join("runs", "analysis", time.strftime("n2n_diagnostic-%Y%m%d-%H%M%S"))
     meta = {"steps": args.steps, "seeds": seeds, "variants": {v: list(VARIANTS[v][1]) for v in args.variants},
             "threads": torch.get_num_threads(), "torch": torch.__version__, "seconds": time.time() - t0,
-            "benchmark": "gin/toy2d_exact_teacher.gin"}
+            "benchmark": "gin/toy2d_exact_teacher.gin",
+            "train_seconds_total": sum(r.get("train_seconds", 0.0) for r in results.values())}
     print(write_outputs(table, results, out, meta))
     print(f"\n→ {out}/table.md, table.csv, results.json, trace.png")
     return 0
