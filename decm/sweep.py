@@ -197,6 +197,8 @@ def startup_trials(trials: int) -> int:
 def load_study(spec: SweepSpec, worker: int = 0, workers: int = 1):
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one line per trial instead of Optuna's INFO
+
     sampler = optuna.samplers.TPESampler(seed=spec.seed + worker, constant_liar=True,
                                          n_startup_trials=startup_trials(spec.trials))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0) if spec.report_every else \

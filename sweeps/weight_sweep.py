@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    t0 = time.time()
     from decm import sweep
 
     if not args.gin and not args.reap and args.worker_index is None and args.study is None:
@@ -109,6 +111,9 @@ def main(argv=None) -> int:
             if dead:
                 print(f"[sweep] reaped trials {dead} → FAIL")
         summary = sweep.finalize(spec)
+        summary["seconds_this_command"] = time.time() - t0  # wall time of this invocation (a rerun adds its own)
+        with open(os.path.join(sweep_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
     except (sweep.SweepError, FileNotFoundError) as e:
         print(f"weight_sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
