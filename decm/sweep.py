@@ -544,6 +544,8 @@ class ProgressPrinter:
             if self.seen.get(t.number) == state:
                 continue
             run_dir = t.user_attrs.get("run_dir", "")
+            if t.state == TrialState.RUNNING and not run_dir:
+                continue  # its worker has not named the run directory yet: report it next time
             if t.state == TrialState.RUNNING:
                 print(f"[sweep] trial {t.number} started → {run_dir}", flush=True)
             elif t.state == TrialState.COMPLETE:
