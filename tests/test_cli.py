@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 MODULES = ["decm.launch", "decm.evaluate", "decm.report", "decm.eval.ref_stats", "decm.data.encode_latents",
            "decm.eval.digits_features"]
 SCRIPTS = ["analysis/ablation_table.py", "analysis/loss_divergence.py", "analysis/error_accumulation.py",
-           "analysis/n2n_diagnostic.py", "bench/step_cost.py", "bench/sampling.py", "sweeps/weight_sweep.py"]
+           "analysis/n2n_diagnostic.py", "analysis/run_table.py", "bench/step_cost.py", "bench/sampling.py",
+           "sweeps/weight_sweep.py"]
 
 
 def load(target):
