@@ -355,6 +355,7 @@ def main(argv=None) -> int:
               f"--benchmark {args.benchmark}: use --benchmark toy2d_cond or digits", file=sys.stderr)
         return 2
     from decm.job import ConfigError
+    from decm.sweep import SweepError
 
     seeds = list(range(args.seeds))
     t0 = time.time()
@@ -374,12 +375,7 @@ def main(argv=None) -> int:
                  for r in rows}
         specs = [row_spec(args.benchmark, r, s, args.steps, args.runs_root, extra[r]) for r in rows for s in seeds]
         results = run_all(specs, args.backend, args.cluster_gin)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"ablation_table: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 — e.g. sweep.SweepError from a bad space
-        if type(e).__name__ != "SweepError":
-            raise
+    except (ConfigError, SweepError, FileNotFoundError, ValueError) as e:
         print(f"ablation_table: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     metric = BENCHMARKS[args.benchmark][1]

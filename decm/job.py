@@ -60,9 +60,16 @@ def configurable_names() -> list[str]:
     return sorted(names)
 
 
+def suggestion(word: str, candidates, cutoff: float = 0.6) -> str:
+    """' — did you mean 'x' or 'y'?' for the closest candidates, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(candidates), n=2, cutoff=cutoff)
+    return f" — did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 def did_you_mean(msg: str) -> str:
     """Adds "did you mean …?" to gin's unknown-parameter and unknown-configurable errors."""
-    import difflib
     import inspect
 
     import gin.config
@@ -74,15 +81,10 @@ def did_you_mean(msg: str) -> str:
             params = list(inspect.signature(fn).parameters)
         except (KeyError, TypeError, ValueError, AttributeError):
             params = []
-        close = difflib.get_close_matches(m.group(2), params, n=2)
-        if close:
-            return msg + f" — did you mean {' or '.join(repr(c) for c in close)}?"
-        return msg
+        return msg + suggestion(m.group(2), params)
     m = re.search(r"No configurable matching '([^']+)'", msg)
     if m:
-        close = difflib.get_close_matches(m.group(1), configurable_names(), n=2, cutoff=0.6)
-        if close:
-            return msg + f" — did you mean {' or '.join(repr(c) for c in close)}?"
+        return msg + suggestion(m.group(1), configurable_names())
     return msg
 
 

@@ -45,10 +45,9 @@ def _configurable(name: str):
         found = None
     if found is not None:
         return found
-    from decm.job import did_you_mean
+    from decm.job import configurable_names, suggestion
 
-    hint = did_you_mean(f"No configurable matching '{name}'")
-    raise KeyError(f"no configurable named {name!r}{hint.split(chr(39) + name + chr(39), 1)[1]}; see --list")
+    raise KeyError(f"no configurable named {name!r}{suggestion(name, configurable_names())}; see --list")
 
 
 def arg_docs(fn) -> dict[str, str]:
@@ -82,7 +81,9 @@ def describe(name: str) -> str:
     fn = c.wrapped.__init__ if inspect.isclass(c.wrapped) else c.wrapped
     docs = arg_docs(c.wrapped) or arg_docs(fn)
     denied = set(c.denylist or ())
-    lines = [f"{c.module + '.' if c.module and c.module in __import__('decm.registry').registry.KINDS else ''}{c.name}"
+    from decm import registry
+
+    lines = [f"{c.module + '.' if c.module in registry.KINDS else ''}{c.name}"
              f": {(inspect.getdoc(c.wrapped) or '(undocumented)').splitlines()[0]}", ""]
     for pname, par in inspect.signature(fn).parameters.items():
         if pname in ("self",) or pname in denied or par.kind in (par.VAR_POSITIONAL, par.VAR_KEYWORD):

@@ -19,6 +19,16 @@ def _gin_clean():
     gin.clear_config()
 
 
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype for a test (exact-reference checks; batched vs unbatched forwards
+    agree to ~1e-13), restored afterwards so other tests are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 def write_latents(root, n: int = 24, shape=(4, 8, 8), num_classes: int = 3, shard_size: int = 10, seed: int = 0):
     """Writes a small decm-latents-v1 directory directly (format of decm/data/latents.py)."""
     import json

@@ -21,13 +21,7 @@ from decm.models.sit import sit
 from decm.sampling import TeacherEuler, TeacherHeun
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """float64, so the batched (CFG) and unbatched forwards agree to ~1e-13 and comparisons can be tight."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # exact references in float64 (tests/conftest.py)
 
 
 def random_teacher(in_channels=4, learn_sigma=False, seed=0):

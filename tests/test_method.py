@@ -14,13 +14,7 @@ from decm.method.teachers import ExactFlowMap, GaussianMixtureTeacher, GaussianT
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """Exact-reference checks run in float64; restored afterwards so other test files are unaffected."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # exact references in float64 (tests/conftest.py)
 
 
 def gaussian(shape=(2,)):
