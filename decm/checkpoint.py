@@ -83,8 +83,27 @@ def step_of(path: str) -> int:
 
 
 def latest_valid(directory: str, verbose: bool = True) -> tuple[str | None, dict | None]:
-    """(path, state) of the newest valid checkpoint, skipping (and reporting, never deleting) bad ones."""
-    for path in candidates(directory):
+    """(path, state) of the newest valid checkpoint, skipping (and reporting, never deleting) bad ones.
+
+    Sharded checkpoints (`ckpt-<step>.dcp/` of FSDP runs, decm.sharded_checkpoint) count too and are
+    read as one dict of full tensors; at equal steps the single file wins (it is cheaper to read)."""
+    from decm import sharded_checkpoint
+
+    found = [(step_of(p), 0, p) for p in candidates(directory)] + [
+        (sharded_checkpoint.step_of(p), 1, p) for p in sharded_checkpoint.candidates(directory)]
+    for _, sharded, path in sorted(found, key=lambda e: (-e[0], e[1])):
+        if sharded:
+            if not sharded_checkpoint.is_valid(path):
+                if verbose:
+                    print(f"[decm] skipping invalid sharded checkpoint {path} (missing sentinel, or files differ)",
+                          file=sys.stderr)
+                continue
+            try:
+                return path, sharded_checkpoint.load_full(path)
+            except Exception as e:
+                if verbose:
+                    print(f"[decm] skipping unreadable sharded checkpoint {path}: {type(e).__name__}", file=sys.stderr)
+                continue
         if not is_valid(path, load=False):
             if verbose:
                 print(f"[decm] skipping invalid checkpoint {path} (missing sentinel or wrong size)", file=sys.stderr)

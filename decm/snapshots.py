@@ -27,7 +27,8 @@ def clear_listeners() -> None:
 
 
 @torch.no_grad()
-def snapshot(model, dataset, step: int, run_dir: str, device, n: int = 16, nfe=(1, 2), seed: int = 0) -> dict:
+def snapshot(model, dataset, step: int, run_dir: str, device, n: int = 16, nfe=(1, 2), seed: int = 0,
+             write: bool = True) -> dict:
     """Samples the flow map from fixed noise (and fixed labels) and records their statistics.
 
     Args:
@@ -39,6 +40,8 @@ def snapshot(model, dataset, step: int, run_dir: str, device, n: int = 16, nfe=(
       n: samples per NFE.
       nfe: numbers of steps (flow-map chain on a uniform grid).
       seed: noise seed (fixed across the run, so snapshots are comparable).
+      write: write the files and call the listeners (False: sample only — the other ranks of a sharded EMA,
+        whose forwards are collective).
     """
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *dataset.shape), generator=g).to(device)
@@ -59,6 +62,8 @@ def snapshot(model, dataset, step: int, run_dir: str, device, n: int = 16, nfe=(
         record[f"nfe{k}/finite"] = bool(torch.isfinite(x).all())
         if reference is not None:
             record[f"nfe{k}/sw2"] = sliced_wasserstein(Chain()(model, z_eval, y_eval, nfe=int(k)).float().cpu(), reference)
+    if not write:
+        return record
     folder = os.path.join(run_dir, "snapshots")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step-{step:08d}.pt")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 import time
 
 import gin
 import torch
 
-from decm import checkpoint, distributed, preemption
+from decm import distributed, preemption, train_state
+from decm import parallel as data_parallel
 from decm.method.objective import NonFiniteTargetError
 from decm.method.teachers import NetworkTeacher
 from decm.models.build import (  # noqa: F401  (re-exported: older imports of these names from decm.train)
@@ -59,13 +59,16 @@ def train(
     part_grad_every_steps: int = 0,      # distill: log CM sup/self-supervised gradient norms every k steps (0: off)
     build_only: bool = False,            # dry run: build every object (model on the meta device), train nothing
     compile_backend: str = "off",        # torch.compile the with-grad student: 'off', 'inductor' (GPU), 'aot_eager' (checks)
+    parallel: str = "auto",              # 'auto' (DDP when several processes), 'none', 'ddp' or 'fsdp' (decm.parallel)
+    shard_teacher: bool = False,         # fsdp: shard the frozen teacher network too (its memory ÷ world size)
     tracker=None,                        # decm.wandb_log.Tracker of the launch (set by experiment; None: no W&B)
 ):
     """Runs one training stage in `run_dir` and returns a summary dict.
 
     Distributed when the environment describes several processes (torchrun / Slurm, see
-    decm.distributed): DDP wraps the model for the with-grad forward, the JVP runs on the unwrapped
-    module, rank 0 alone writes checkpoints and stats. A preemption request (SIGUSR2 under submitit)
+    decm.distributed): DDP wraps the model for the with-grad forward (or FSDP2 shards it, see
+    decm.parallel), the JVP runs on the unwrapped module, rank 0 alone writes stats and single-file
+    checkpoints (under FSDP every rank writes its shards, decm.sharded_checkpoint). A preemption request (SIGUSR2 under submitit)
     is honoured at the next step boundary: a checkpoint of that step is written, then `Preempted`.
 
     Args:
@@ -99,6 +102,8 @@ def train(
       compile_backend: 'off', or a torch.compile backend applied to the (DDP-wrapped) student for the
         with-grad forwards; JVPs still run on the plain module (decm.method.jvp.unwrap), checkpoints
         hold the plain module's keys.
+      parallel: 'auto', 'none', 'ddp' or 'fsdp' (decm.parallel; FSDP options under `fsdp.*`).
+      shard_teacher: under 'fsdp', shard the frozen teacher network as well.
       tracker: W&B tracker (rank 0 logs every stats record under `<stage>/`).
     """
     check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only)
@@ -115,6 +120,8 @@ def train(
         return summary
     info = distributed.init(device)
     device = info.device
+    mode = data_parallel.resolve(parallel, info.world_size)
+    data_parallel.check_fsdp_compatible(mode, getattr(objective, "jvp_method", None), compile_backend)
     if hasattr(dataset, "check"):
         dataset.check()  # e.g. latents: a one-line error naming the binding when files are missing
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -138,25 +145,13 @@ def train(
     model = model.to(device)
     objective = objective.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    params = list(model.parameters()) + [p for p in objective.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-
-    start, totals = 0, {"nan_masked_samples": 0, "skipped_steps": 0}
-    path, state = checkpoint.latest_valid(ckpt_dir)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        objective.load_state_dict(state["objective"])
-        opt.load_state_dict(state["optimizer"])
-        start, totals = int(state["step"]), dict(state["totals"])
-        if info.main:
-            print(f"[decm] resuming {stage} from {path} at step {start}", file=sys.stderr)
-    del state
+    wrapped = data_parallel.wrap(model, ema, teacher, mode, info.world_size, device, precision, shard_teacher)
+    groups = train_state.param_groups(model, objective)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    start, totals = train_state.load(ckpt_dir, mode, model, ema, objective, opt, info, stage)
+    totals = totals or {"nan_masked_samples": 0, "skipped_steps": 0}
     distributed.barrier(info)  # every rank has loaded before rank 0 may write (and prune) checkpoints
-    wrapped = model
-    if info.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_backend != "off":
         wrapped = torch.compile(wrapped, backend=compile_backend)
     stats_writer = StatsWriter(run_dir, resume_step=start) if info.main else None
@@ -164,12 +159,7 @@ def train(
     per_term_kwargs = {"backward": True, "agree": lambda bad: distributed.any_true(bad, info)} if per_term else {}
 
     def save(step):
-        if info.main:
-            checkpoint.save(ckpt_dir, step, {
-                "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                "objective": objective.state_dict(), "optimizer": opt.state_dict(), "totals": dict(totals)},
-                keep_last=keep_last)
-        distributed.barrier(info)
+        train_state.save(ckpt_dir, step, mode, model, ema, objective, opt, totals, info, keep_last)
 
     def close():
         bar.close()
@@ -208,7 +198,8 @@ def train(
         if ok:
             if not per_term:
                 loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+            data_parallel.sync_replicated_grads(groups[1]["params"] if len(groups) > 1 else [], info.world_size)
+            grad_norm = data_parallel.clip_grad_norm(params, grad_clip if grad_clip > 0 else math.inf)
             ok = bool(torch.isfinite(grad_norm))
             stats["grad_norm"] = float(grad_norm)
         if ok:
@@ -250,21 +241,21 @@ def train(
         if done % ckpt_every_steps == 0 or done == steps or timed or stopping:
             save(done)
             last_ckpt_time = time.time()
-        if snapshot_every_steps and stage == "distill" and info.main and done % snapshot_every_steps == 0:
+        if snapshot_every_steps and stage == "distill" and (info.main or mode == "fsdp") \
+                and done % snapshot_every_steps == 0:  # a sharded EMA samples on every rank; rank 0 writes
             from decm.snapshots import snapshot
 
-            snapshot(ema, dataset, done, run_dir, device)
+            snapshot(ema, dataset, done, run_dir, device, write=info.main)
         if stopping and done < steps:
             break
     close()
     if info.main and start >= steps and not os.path.exists(os.path.join(run_dir, "operative_config.gin")):
         write_operative_config(run_dir)
     elapsed = time.time() - t0
-    with torch.no_grad():
-        checksum = float(sum(p.double().square().sum() for p in model.parameters()))
+    checksum = data_parallel.param_checksum(model)
     return {"stage": stage, "run_dir": run_dir, "step": done, "steps": steps, "seconds": elapsed,
             "last_stats": last_stats, "totals": totals, "world_size": info.world_size, "rank": info.rank,
-            "param_checksum": checksum}
+            "param_checksum": checksum, "parallel": mode}
 
 
 def check_numbers(**values) -> None:

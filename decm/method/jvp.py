@@ -36,9 +36,11 @@ JVP_METHODS = ("autograd", "forward_ad", "forward_ad_grad", "fd")
 
 
 def unwrap(module):
-    """Returns the plain module inside DDP and torch.compile wrappers (JVPs must not see DDP)."""
+    """Returns the plain module inside DDP, decm.parallel.Sharded (FSDP2) and torch.compile wrappers (JVPs
+    must not see DDP; a sharded module's own hooks gather its parameters inside the JVP)."""
     while True:
-        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel) or getattr(
+                module, "is_data_parallel_wrapper", False):
             module = module.module
         elif hasattr(module, "_orig_mod"):
             module = module._orig_mod

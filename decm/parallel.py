@@ -1,0 +1,243 @@
+"""Data parallelism of the training loop: one process, DDP, or FSDP2 (sharded parameters, gradients,
+optimizer state and EMA; optionally the frozen teacher).
+
+`train.parallel` picks the mode: 'auto' (DDP when the environment describes several processes, one
+process otherwise), 'none', 'ddp' or 'fsdp'. Under 'fsdp' (`torch.distributed.fsdp.fully_shard`) each
+transformer block of the student and then its root are sharded over all ranks (parameters are
+DTensors sharded on dim 0); the EMA copy is sharded the same way, so its update is a per-shard lerp;
+with `train.shard_teacher` the frozen teacher network is sharded too (no gradients, no optimizer state:
+its memory simply divides by the world size).
+
+The objective and the loop are the same code for every mode. The student handed to the objective is
+wrapped so that it looks like DDP to it: `.module` is what the JVP runs on (FSDP2's hooks all-gather
+each block's parameters inside `torch.func.jvp` / forward-AD under no-grad, with the lean tangent rules
+and MATH attention as always), and `no_sync()` defers the gradient reduction of backward-per-term to
+the last term (FSDP2's `set_requires_gradient_sync`, like DDP's `no_sync`).
+
+Precision under FSDP: on CUDA with `train.precision = 'bf16'` the compute runs under the loop's
+autocast as under DDP and gradients are reduced in fp32 (`MixedPrecisionPolicy(reduce_dtype=fp32)`).
+Parameters are all-gathered in fp32 by default (`gather_dtype='fp32'`) so that the JVP stays fp32 — a
+bf16 all-gather (`gather_dtype='bf16'`) halves that traffic but makes every forward, the JVP's
+included, compute with bf16 weights. On CPU everything is fp32.
+
+Limits (refused with a one-line error): 'fsdp' needs several processes; the JVP method 'fd' (it copies
+the module to float64) and 'forward_ad_grad' (FSDP2's post-backward autograd.Function has no
+forward-AD rule) are refused under 'fsdp'; so is `train.compile_backend` (not composed with the
+sharded JVP yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import gin
+import torch
+import torch.distributed as dist
+from torch import nn
+
+MODES = ("auto", "none", "ddp", "fsdp")
+GATHER_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class ParallelConfigError(ValueError):
+    """A parallel setting that cannot work with this job (one line, exit 2 through the launcher)."""
+
+
+def resolve(parallel: str, world_size: int) -> str:
+    """The effective mode: 'none', 'ddp' or 'fsdp' ('auto' → DDP with several processes)."""
+    if parallel not in MODES:
+        raise ParallelConfigError(f"train.parallel must be one of {MODES}, got {parallel!r}")
+    if parallel == "auto":
+        return "ddp" if world_size > 1 else "none"
+    if parallel in ("ddp", "fsdp") and world_size < 2:
+        raise ParallelConfigError(
+            f"train.parallel = {parallel!r} needs several processes (torchrun --nproc-per-node N, or srun with "
+            f"cluster.tasks_per_node > 1); this job has one — use 'auto' or 'none'")
+    if parallel == "none" and world_size > 1:
+        raise ParallelConfigError(f"train.parallel = 'none' with {world_size} processes would train {world_size} "
+                                  "unrelated copies — use 'auto', 'ddp' or 'fsdp'")
+    return parallel
+
+
+def check_fsdp_compatible(mode: str, jvp_method: str | None, compile_backend: str) -> None:
+    """Refuses the settings FSDP does not compose with (see the module docstring)."""
+    if mode != "fsdp":
+        return
+    if jvp_method in ("fd", "forward_ad_grad"):
+        raise ParallelConfigError(
+            f"objectives.decm.jvp_method = {jvp_method!r} does not run on a sharded student under train.parallel = "
+            "'fsdp' ('fd' copies the module to float64; 'forward_ad_grad' needs a forward-AD rule FSDP2's "
+            "post-backward hook lacks) — use 'autograd' or 'forward_ad'")
+    if compile_backend != "off":
+        raise ParallelConfigError("train.compile_backend is not supported with train.parallel = 'fsdp' yet — "
+                                  "set it to 'off'")
+
+
+def block_list(module: nn.Module) -> nn.ModuleList:
+    """The module's transformer/residual blocks (the FSDP unit); an error naming the module without one."""
+    blocks = getattr(module, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise ParallelConfigError(
+            f"train.parallel = 'fsdp' shards each block of the network, but {type(module).__name__} has no "
+            "non-empty `blocks` nn.ModuleList — add one to the backbone or use train.parallel = 'ddp'")
+    return blocks
+
+
+@gin.configurable("fsdp")
+def fsdp_options(gather_dtype: str = "fp32", reshard_after_forward: bool = True):
+    """FSDP2 options of `train.parallel = 'fsdp'`.
+
+    Args:
+      gather_dtype: dtype of the all-gathered parameters on CUDA with train.precision = 'bf16': 'fp32'
+        (default; the JVP stays fp32, compute is bf16 through autocast) or 'bf16' (half the all-gather
+        traffic; every forward, the JVP's included, then uses bf16 weights). Ignored on CPU (fp32).
+      reshard_after_forward: free each block's gathered parameters after its forward (memory ∝ 1/world
+        between forwards; the backward gathers again). False keeps them (fewer all-gathers, more memory).
+    """
+    if gather_dtype not in GATHER_DTYPES:
+        raise ParallelConfigError(f"fsdp.gather_dtype must be one of {sorted(GATHER_DTYPES)}, got {gather_dtype!r}")
+    return {"gather_dtype": gather_dtype, "reshard_after_forward": bool(reshard_after_forward)}
+
+
+def mixed_precision(device: torch.device, precision: str, gather_dtype: str):
+    """The FSDP2 MixedPrecisionPolicy: fp32 reduction always; bf16 gathered parameters only on request (CUDA)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type != "cuda" or precision != "bf16":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=GATHER_DTYPES[gather_dtype], reduce_dtype=torch.float32)
+
+
+def shard(module: nn.Module, world_size: int, device: torch.device, precision: str = "fp32",
+          options: dict | None = None) -> nn.Module:
+    """Shards `module` in place: every block, then the root (FSDP2). Returns the same module."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    options = options or fsdp_options()
+    mesh = init_device_mesh(device.type, (world_size,))
+    policy = mixed_precision(device, precision, options["gather_dtype"])
+    for block in block_list(module):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=options["reshard_after_forward"])
+    fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=options["reshard_after_forward"])
+    return module
+
+
+class Sharded(nn.Module):
+    """The face of an FSDP2-sharded student that the objective sees, the same as DDP's.
+
+    `.module` is the sharded module itself (decm.method.jvp.unwrap returns it: the JVP runs through
+    FSDP's all-gather hooks under no-grad); `no_sync()` turns off the reduce-scatter for the terms
+    before the last under backward-per-term, so gradients accumulate unsharded and are reduced once.
+
+    Args:
+      module: a module already sharded by `shard`.
+    """
+
+    is_data_parallel_wrapper = True  # decm.method.jvp.unwrap looks for this (the method layer imports nothing here)
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+
+
+def wrap(model: nn.Module, ema: nn.Module, teacher, mode: str, world_size: int, device: torch.device,
+         precision: str = "fp32", shard_teacher: bool = False) -> nn.Module:
+    """Prepares the modules for `mode` and returns the student the objective calls.
+
+    'none': the model itself; 'ddp': DistributedDataParallel(model) (EMA and teacher replicated);
+    'fsdp': model and EMA sharded in place (and the teacher network with `shard_teacher`), wrapped in
+    `Sharded`. Call before building the optimizer (FSDP replaces the parameters by DTensors).
+    """
+    if shard_teacher and mode != "fsdp":
+        raise ParallelConfigError("train.shard_teacher = True needs train.parallel = 'fsdp'")
+    if mode == "none":
+        return model
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    options = fsdp_options()
+    shard(model, world_size, device, precision, options)
+    shard(ema, world_size, device, precision, options)
+    if shard_teacher:
+        net = getattr(teacher, "net", None)
+        if not isinstance(net, nn.Module):
+            raise ParallelConfigError("train.shard_teacher = True needs a network teacher (teacher_source "
+                                      "'checkpoint', 'sit' or 'lightningdit'); the analytic teacher has no parameters")
+        shard(net, world_size, device, precision, options)
+    return Sharded(model)
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; the tensor itself otherwise."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def sync_replicated_grads(params, world_size: int) -> None:
+    """Averages over ranks the gradients of replicated parameters that no wrapper reduces (the
+    objective's own learnable parts, e.g. sCM's adaptive log-variance weight): without this each rank's
+    copy would drift apart under DDP and FSDP alike."""
+    if world_size < 2:
+        return
+    for p in params:
+        if p.grad is not None and not is_sharded(p.grad):
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world_size)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clips the global gradient norm (torch's own for plain tensors, bit for bit; sharded gradients:
+    the squared norms of the local shards all-reduced, replicated ones counted once). Returns the
+    total norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    sharded = [p for p in params if is_sharded(p.grad)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    plain = [p for p in params if not is_sharded(p.grad)]
+    device = local(sharded[0].grad).device
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for p in sharded:
+        sq += local(p.grad).float().square().sum()
+    dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+    for p in plain:
+        sq += p.grad.float().square().sum()
+    total = sq.sqrt()
+    if math.isfinite(max_norm):
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        with torch.no_grad():
+            for p in params:
+                local(p.grad).mul_(coef.to(local(p.grad).dtype))
+    return total
+
+
+def param_checksum(module: nn.Module) -> float:
+    """Σ p² over the whole (possibly sharded) module, in float64; the same number on every rank."""
+    total = torch.zeros((), dtype=torch.float64)
+    shards = torch.zeros((), dtype=torch.float64)
+    for p in module.parameters():
+        if is_sharded(p):
+            shards += local(p.detach()).double().square().sum().cpu()
+        else:
+            total += p.detach().double().square().sum().cpu()
+    if any(is_sharded(p) for p in module.parameters()):
+        device = local(next(module.parameters())).device
+        shards = shards.to(device)
+        dist.all_reduce(shards, op=dist.ReduceOp.SUM)
+    return float(total + shards.cpu())

@@ -1,0 +1,176 @@
+"""Sharded checkpoints (torch.distributed.checkpoint), atomic like decm.checkpoint's single files.
+
+Layout: `<dir>/ckpt-00001000.dcp/` (one `__<rank>_0.distcp` file per rank and `.metadata`) and the
+sentinel `<dir>/ckpt-00001000.dcp.ok` holding the file count and total bytes. Every rank writes into
+`ckpt-00001000.dcp.tmp/`; after a barrier rank 0 renames the folder and writes the sentinel. A crash
+at any point leaves either a `.tmp` folder or a folder without (or with a mismatching) sentinel, and
+both are skipped: the newest *valid* checkpoint is the one resumed from, and nothing is deleted.
+
+DCP stores each tensor with its global shape, so a checkpoint written by 4 ranks loads into 2 (or 1:
+`load_full`, which needs no process group and is what evaluation, reports and DDP runs use; `python -m
+decm.export` writes it as a consolidated single-file checkpoint).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+_NAME = re.compile(r"ckpt-(\d{8})\.dcp$")
+
+
+class CheckpointMismatchError(ValueError):
+    """A sharded checkpoint does not fit the model/optimizer of the run reading it."""
+
+
+def path_for(directory: str, step: int) -> str:
+    return os.path.join(directory, f"ckpt-{step:08d}.dcp")
+
+
+def _sentinel(path: str) -> str:
+    return path + ".ok"
+
+
+def _listing(path: str) -> tuple[int, int]:
+    files = [os.path.join(path, f) for f in os.listdir(path)]
+    return len(files), sum(os.path.getsize(f) for f in files)
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save(directory: str, step: int, state: dict, main: bool, keep_last: int = 0) -> str:
+    """Collective: every rank calls it with its (sharded) state; returns the checkpoint folder."""
+    import torch.distributed.checkpoint as dcp
+
+    path = path_for(directory, step)
+    tmp = path + ".tmp"
+    if main:
+        os.makedirs(directory, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt's partial folder
+    _barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    _barrier()
+    if main:
+        for name in os.listdir(tmp):  # the data must be on disk before the sentinel says so
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(_sentinel(path)):
+            os.remove(_sentinel(path))
+        shutil.rmtree(path, ignore_errors=True)  # same step rewritten (e.g. a preemption right after a save)
+        os.replace(tmp, path)
+        n, size = _listing(path)
+        with open(_sentinel(path) + ".tmp", "w") as f:
+            f.write(f"{n} {size}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(_sentinel(path) + ".tmp", _sentinel(path))
+        if keep_last > 0:
+            for old in [p for p in candidates(directory) if is_valid(p)][keep_last:]:
+                os.remove(_sentinel(old))
+                shutil.rmtree(old)
+    _barrier()
+    return path
+
+
+def candidates(directory: str) -> list[str]:
+    """Sharded checkpoint folders in `directory`, newest step first."""
+    paths = [p for p in glob.glob(os.path.join(directory, "ckpt-*.dcp")) if _NAME.search(p) and os.path.isdir(p)]
+    return sorted(paths, key=step_of, reverse=True)
+
+
+def step_of(path: str) -> int:
+    return int(_NAME.search(path).group(1))
+
+
+def is_valid(path: str) -> bool:
+    """Sentinel present, file count and bytes as recorded, and DCP metadata readable."""
+    try:
+        with open(_sentinel(path)) as f:
+            n, size = (int(v) for v in f.read().split())
+        if _listing(path) != (n, size):
+            return False
+        metadata(path)
+        return True
+    except Exception:
+        return False
+
+
+def metadata(path: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(path).read_metadata()
+
+
+def latest_valid(directory: str, verbose: bool = True) -> str | None:
+    """The newest valid sharded checkpoint folder (invalid ones are reported, never deleted)."""
+    for path in candidates(directory):
+        if is_valid(path):
+            return path
+        if verbose:
+            print(f"[decm] skipping invalid sharded checkpoint {path} (missing sentinel, or files differ)",
+                  file=sys.stderr)
+    return None
+
+
+def _flat_shapes(state: dict, prefix: str = "") -> dict:
+    """{'model.blocks.0.w': shape, …} of the tensors in a nested state dict (DCP's flattened names)."""
+    out = {}
+    for k, v in state.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_shapes(v, name + "."))
+        elif isinstance(v, torch.Tensor):
+            out[name] = tuple(v.shape)
+    return out
+
+
+def check_compatible(path: str, state: dict, sections=("model", "ema")) -> None:
+    """Raises CheckpointMismatchError naming the first differences between the checkpoint's tensors and
+    `state`'s (in the given top-level sections: the networks)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = {k: tuple(v.size) for k, v in metadata(path).state_dict_metadata.items()
+             if isinstance(v, TensorStorageMetadata) and k.split(".", 1)[0] in sections}
+    wanted = {k: v for k, v in _flat_shapes({s: state[s] for s in sections if s in state}).items()}
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    shapes = [f"{k}: {list(saved[k])} in the checkpoint, {list(wanted[k])} here"
+              for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"shape {shapes[0]}" + (f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else ""))
+        if missing:
+            parts.append(f"missing {missing[:3]}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}" + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else ""))
+        raise CheckpointMismatchError(f"sharded checkpoint {path} does not fit this run's model: {'; '.join(parts)} — "
+                                      "a different backbone, preset or data shape wrote it")
+
+
+def load_into(path: str, state: dict) -> None:
+    """Collective: loads the checkpoint into `state` in place (DTensors are resharded to this run's world)."""
+    import torch.distributed.checkpoint as dcp
+
+    check_compatible(path, state)
+    dcp.load(state, checkpoint_id=path)
+
+
+def load_full(path: str) -> dict:
+    """The whole checkpoint as one nested dict of full tensors (no process group needed)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
+        out = os.path.join(tmp, "full.pt")
+        dcp_to_torch_save(path, out)
+        return torch.load(out, map_location="cpu", weights_only=True)
