@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="noise seed")
     p.add_argument("--device", default=None, help="cpu, cuda or auto")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval-step<step>)")
+    p.add_argument("--bind", action="append", default=[],
+                   help="extra gin binding on top of the run's config (repeatable), e.g. \"samplers.chain.shift = 0.5\"")
     p.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     return p
 
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
         config_path = os.path.join(args.run_dir, "config.gin")
         if not os.path.isfile(config_path):
             raise ConfigError(f"{args.run_dir} is not a run directory (no config.gin)")
-        parse([config_path], [])
+        parse([config_path], args.bind)
         for name in (args.sampler or []) + (args.teacher_sampler or []):
             if name not in registry.names("samplers"):
                 raise ConfigError(f"unknown sampler {name!r}; choices: {', '.join(registry.names('samplers'))}")

@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_memory_estimate(summary: dict, world: int) -> None:
+    """The dry run's per-GPU (per-rank) training-state estimate of each training stage (decm.memory)."""
+    from decm import memory
+    from decm.parallel import resolve
+
+    for name, stage in summary.items():
+        if not isinstance(stage, dict) or "shard_profile" not in stage:
+            continue
+        mode = stage["parallel"] if stage["parallel"] != "auto" else ("ddp" if world > 1 else "none")
+        if world < 2 and mode in ("ddp", "fsdp"):
+            mode = resolve(mode, world)  # the one-line error a real launch would give
+        print(f"# {name}: " + memory.describe(stage["shard_profile"], world, mode, stage["teacher_shard_profile"],
+                                               stage["shard_teacher"] and mode == "fsdp"))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from decm import registry
@@ -157,12 +172,18 @@ def main(argv=None) -> int:
         if args.dry_run:
             summary = build(run_dir)
             print(config)
-            print(json.dumps({"run_dir": run_dir, "backend": resources.backend, "dry_run": summary},
+            shown = {k: ({a: b for a, b in v.items() if not a.endswith("shard_profile")} if isinstance(v, dict) else v)
+                     for k, v in summary.items()}  # the shard profiles feed the estimate below
+            print(json.dumps({"run_dir": run_dir, "backend": resources.backend, "dry_run": shown},
                              indent=2, default=str))
+            world = (env_ranks() or (0, 1, 0))[1]
             if resources.backend == "slurm":
                 print("\n# sbatch script submitit would submit:\n" + sbatch_script(resources, run_dir))
+                world = resources.nodes * resources.tasks
             elif resources.backend == "local-subprocess":
                 print(f"\n# submitit LocalExecutor: {resources.tasks} task(s), timeout {resources.timeout_min} min")
+                world = resources.tasks
+            print_memory_estimate(summary, world)
             return 0
         if resources.backend == "slurm" and shutil.which("sbatch") is None:
             build(run_dir, require_inputs=True)  # missing inputs first: they are the user's to fix either way

@@ -115,7 +115,7 @@ def train(
         raise ValueError(f"train.compile_backend must be 'off' or one of "
                          f"{torch.compiler.list_backends(exclude_tags=())}, got {compile_backend!r}")
     if build_only:
-        summary = build_summary(stage, dataset, backbone, objective, teacher_source)
+        summary = build_summary(stage, dataset, backbone, objective, teacher_source, parallel, shard_teacher)
         summary["missing_inputs"] = missing_inputs(dataset, teacher_source, teacher_checkpoint)
         return summary
     info = distributed.init(device)
@@ -304,16 +304,29 @@ def missing_inputs(dataset, teacher_source, teacher_checkpoint) -> list[str]:
     return out
 
 
-def build_summary(stage, dataset, backbone, objective, teacher_source) -> dict:
-    """Builds the stage's model on the meta device (no memory); arguments were checked by check_stage."""
+def build_summary(stage, dataset, backbone, objective, teacher_source, parallel="auto", shard_teacher=False) -> dict:
+    """Builds the stage's model on the meta device (no memory); arguments were checked by check_stage.
+
+    Includes the shard profiles (decm.memory) of the student and of a network teacher, from which the
+    launcher's dry run estimates the per-GPU training state for the cluster's world size."""
+    from decm import memory
+
+    if parallel not in data_parallel.MODES:
+        raise data_parallel.ParallelConfigError(f"train.parallel must be one of {data_parallel.MODES}, got {parallel!r}")
     if stage == "distill" and teacher_source == "analytic":
         dataset.analytic_teacher()  # raises for datasets without an exact teacher
     with torch.device("meta"):
         model = backbone(**backbone_kwargs(dataset), flow_map=stage == "distill")
+        teacher = backbone(**backbone_kwargs(dataset), flow_map=False) if (
+            stage == "distill" and teacher_source != "analytic") else None
+    if parallel == "fsdp":
+        data_parallel.block_list(model)  # a backbone without blocks to shard fails the dry run already
     n_params = sum(p.numel() for p in model.parameters())
     return {"stage": stage, "model": type(model).__name__, "parameters": n_params,
             "data_shape": tuple(dataset.shape), "num_classes": dataset.num_classes,
-            "objective": type(objective).__name__ if objective is not None else "FlowMatchingPretrain"}
+            "objective": type(objective).__name__ if objective is not None else "FlowMatchingPretrain",
+            "parallel": parallel, "shard_teacher": shard_teacher, "shard_profile": memory.shard_profile(model),
+            "teacher_shard_profile": memory.shard_profile(teacher) if teacher is not None else None}
 
 
 def write_operative_config(run_dir: str, tracker=None) -> None:

@@ -178,3 +178,33 @@ def test_n2n_diagnostic_runs_end_to_end_and_its_measures_are_exact_for_the_oracl
     assert torch.allclose(n2n.exact_average_velocity(teacher, x, t, s, 200), teacher.average_velocity(x, t, s),
                           atol=1e-8)
     assert n2n.main(["--variants", "nope"]) == 2
+
+
+def test_digits_nfe_study_grids_samplers_and_per_hop_errors(tmp_path):
+    """analysis/digits_nfe.py on a tiny digits run: the shift binding reaches the chain (NFE 1 is the same jump
+    on every grid, NFE 2 is not), the per-hop errors start at the same noise (first hop: local = accumulated)."""
+    from decm import launch
+
+    run_dir = str(tmp_path / "digits")
+    argv = ["--gin", "gin/quickstart.gin", "--run-dir", run_dir]
+    for b in ["experiment.stages = ('teacher', 'distill')", "teacher/train.steps = 20", "distill/train.steps = 4",
+              "distill/train.ckpt_every_steps = 2", "train.batch_size = 16", "train.progress = False",
+              f"experiment.cache_root = '{tmp_path}/cache'"]:
+        argv += ["--bind", b]
+    assert launch.main(argv) == 0
+    digits_nfe = load("digits_nfe")
+    out = tmp_path / "study"
+    assert digits_nfe.main([run_dir, "--steps", "2", "4", "--n", "64", "--hop-n", "8", "--ode-steps", "4",
+                            "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert [e["step"] for e in res] == [2, 4]
+    for e in res:
+        fid = e["fid"]
+        uniform, near_data = fid["chain, uniform grid"], fid["chain, shift 0.5 (near data)"]
+        assert uniform["1"] == near_data["1"] and uniform["2"] != near_data["2"]
+        hops = e["hops_nfe4"]
+        assert len(hops) == 4 and hops[0]["local"] == hops[0]["accumulated"] > 0
+        assert [h["t_to"] for h in hops] == [0.25, 0.5, 0.75, 1.0]
+    assert res[0]["fid"]["chain, uniform grid"]["2"] != res[1]["fid"]["chain, uniform grid"]["2"]  # other weights
+    assert "| digits | 4 | CM re-noise, uniform |" in (out / "table.md").read_text()
+    assert digits_nfe.main([str(tmp_path / "absent")]) == 2

@@ -154,3 +154,27 @@ def test_unknown_compile_backend_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="compile_backend"):
         train(str(tmp_path / "x"), stage="distill", dataset=GaussianMixture2D(), backbone=lambda **k: mlp(**k),
               objective=decm_objective(), steps=2, batch_size=4, compile_backend="no_such_backend", progress=False)
+
+
+def test_memory_benchmark_fsdp_shards_the_state_within_the_target(tmp_path):
+    """bench/memory.py on 2 CPU ranks: FSDP's per-rank params + grads + AdamW bytes are within 1.1 × DDP's / world
+    (+ the replicated remainder), the EMA and the teacher are sharded too, and the meta-device model of the
+    bytes (decm.memory, used by the dry run) equals what the ranks hold."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "bench/memory.py", "--presets", "tiny", "--worlds", "2", "--steps", "1",
+                        "--computed-worlds", "8", "--out", str(tmp_path)], capture_output=True, text=True,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    measured = {r["mode"]: r for r in rows if r["kind"] == "measured"}
+    ddp, fsdp = measured["ddp"], measured["fsdp"]
+    assert fsdp["within_target"] and fsdp["state"] <= 1.1 * ddp["state"] / 2
+    assert fsdp["ema"] <= 0.55 * ddp["ema"] and fsdp["teacher"] <= 0.55 * ddp["teacher"]
+    for row in (ddp, fsdp):
+        assert row["params"] == row["computed"]["params"]  # every parameter, sharded or not, as decm.memory says
+        assert row["optimizer"] <= row["computed"]["optimizer"]  # frozen ones (pos_embed) have no moments
+    xl = {r["mode"]: r for r in rows if r["kind"] == "computed" and r["preset"] == "XL/2"}
+    assert xl["fsdp"]["within_target"] and xl["ddp"]["params"] == 4 * 676_735_504
+    assert "| tiny | measured | 2 | fsdp |" in (tmp_path / "memory.md").read_text()

@@ -40,6 +40,33 @@ def test_xl_dry_run_prints_params_config_and_sbatch_script(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+def test_multinode_fsdp_dry_run_prints_the_sbatch_script_and_the_per_gpu_estimate(tmp_path, capsys):
+    from decm import memory
+    from decm.models.sit import sit
+
+    argv = ["--gin", "gin/decm_xl.gin", "--gin", "gin/cluster/slurm_multinode_example.gin", "--dry-run",
+            "--run-dir", str(tmp_path / "xl")]
+    assert launch.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --ntasks-per-node=8" in out and "#SBATCH --gpus-per-node=8" in out
+    import torch
+
+    with torch.device("meta"):
+        student = memory.shard_profile(sit("XL/2", input_size=32, in_channels=4, num_classes=1000))
+        teacher = memory.shard_profile(sit("XL/2", input_size=32, in_channels=4, num_classes=1000, flow_map=False))
+    line = next(line for line in out.splitlines() if line.startswith("# distill: per-rank training state"))
+    assert line == "# distill: " + memory.describe(student, 16, "fsdp", teacher, True)
+    assert "fsdp over 16 ranks" in line and "params 0.17 GB" in line  # 677M × 4 B / 16
+    assert not (tmp_path / "xl").exists()
+
+
+def test_fsdp_in_one_process_is_a_one_line_error_before_anything_runs(tmp_path, capsys):
+    argv = ["--gin", "gin/toy2d_exact_teacher.gin", "--dry-run", "--bind", "train.parallel = 'fsdp'"]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs several processes" in err
+
+
 def test_lightningdit_dry_run_builds_xl_on_the_meta_device(capsys):
     assert launch.main(["--gin", "gin/decm_xl_lightningdit.gin", "--dry-run", "--backend", "local"]) == 0
     out = capsys.readouterr().out

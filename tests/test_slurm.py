@@ -134,3 +134,39 @@ def test_slurm_sweep_array_of_two_workers(tmp_path):
     done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) >= 2 and all(t.user_attrs["job_id"].startswith("slurm:") for t in done)
     assert (tmp_path / "sw" / "best.gin").exists()
+
+
+def test_slurm_two_task_fsdp_job_preempted_resumes_identical_to_an_uninterrupted_one(tmp_path):
+    """2 tasks with train.parallel = 'fsdp' (sharded checkpoints): one preemption and requeue end bit-identical
+    to an uninterrupted 2-task FSDP job, and the sharded checkpoint is what evaluation reads."""
+    bindings = tuple(TOY + ["distill/train.steps = 300", "distill/train.ckpt_every_steps = 20",
+                            "train.parallel = 'fsdp'"])
+    two = ClusterSpec(**{**SLURM.__dict__, "tasks_per_node": 2})
+    specs = [RunSpec(("gin/toy2d_exact_teacher.gin",), bindings, str(tmp_path / name)) for name in ("ref", "cut")]
+    for spec in specs:
+        parse(spec.gin_files, spec.bindings)
+        prepare(spec)
+    ref_job = submit(specs[0], two)
+    ref = ref_job.results()
+    assert [r["distill"]["parallel"] for r in ref] == ["fsdp", "fsdp"]
+    assert ref[0]["distill"]["param_checksum"] == ref[1]["distill"]["param_checksum"]
+    job = submit(specs[1], two)
+    ckpt_dir = os.path.join(specs[1].run_dir, "checkpoints")
+    deadline = time.time() + 480
+    while time.time() < deadline:
+        found = sorted(glob.glob(os.path.join(ckpt_dir, "ckpt-*.dcp.ok")))
+        if found and int(os.path.basename(found[-1])[5:13]) >= 40:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("no sharded checkpoint at step ≥ 40 within 480 s:\n" + logs(specs[1].run_dir)[-3000:])
+    job._interrupt()
+    results = job.results()
+    text = logs(specs[1].run_dir)
+    assert "preempted at step" in text and "resuming distill from" in text and ".dcp at step" in text, text[-3000:]
+    assert [r["distill"]["step"] for r in results] == [300, 300]
+    a = checkpoint.latest_valid(os.path.join(specs[0].run_dir, "checkpoints"))
+    b = checkpoint.latest_valid(ckpt_dir)
+    assert a[0].endswith("ckpt-00000300.dcp") and b[0].endswith("ckpt-00000300.dcp")
+    assert_same_state(a[1], b[1])
+    assert results[0]["distill"]["param_checksum"] == ref[0]["distill"]["param_checksum"]

@@ -32,6 +32,9 @@ PRESETS = {
     "B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
     "L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
     "XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+    # ≈ 2.1B parameters (DiT-style, width 2048, 28 blocks): the size of today's smaller MMDiT teachers, the
+    # scale at which one GPU's fp32 training state (≈ 34 GB + a teacher copy) asks for sharding (FSDP).
+    "2B/2": dict(depth=28, hidden_size=2048, num_heads=16, patch_size=2),
     # LightningDiT-XL/1 (VA-VAE f16d32 latents 32×16×16): SwiGLU, RMSNorm, 2-D RoPE, learn_sigma off.
     "LightningDiT-XL/1": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=1, mlp_type="swiglu",
                               norm_type="rms", use_rope=True, learn_sigma=False),
@@ -330,7 +333,7 @@ def zero_s_embedder(model: nn.Module) -> None:
 @register("backbones", "sit", denylist=("input_size", "in_channels", "num_classes", "flow_map"))
 def sit(preset: str = "tiny", input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
         flow_map: bool = True, **overrides) -> FlowMapDiT:
-    """Flow-map SiT/DiT/LightningDiT from a size preset (tiny, tiny/1, small-cpu, S/2, B/2, L/2, XL/2, LightningDiT-XL/1).
+    """Flow-map SiT/DiT/LightningDiT from a size preset (tiny, tiny/1, small-cpu, S/2, B/2, L/2, XL/2, 2B/2, LightningDiT-XL/1).
 
     Args:
       preset: a key of `PRESETS`.
