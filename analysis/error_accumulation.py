@@ -1,7 +1,7 @@
 """Error-accumulation study: where along a few-step trajectory does the error come from, and does N2N
 reduce the first hop's error?
 
-    python analysis/error_accumulation.py [--runs RUN_DIR ...] [--nfe 1 2 4 8] [--out DIR]
+    python analysis/error_accumulation.py [--seeds 3] [--runs RUN_DIR ...] [--nfe 1 2 4 8] [--out DIR]
 
 For each run (default: the ablation runs `fm_cd` (no N2N) and `decm` (with N2N) under
 runs/ablations/toy2d_exact/ on the exact-teacher benchmark, trained here with its settings if absent) and each sampler:
@@ -13,7 +13,10 @@ runs/ablations/toy2d_exact/ on the exact-teacher benchmark, trained here with it
     for images).
 The exact trajectory is the teacher ODE solved finely (RK4, `--ode-steps`); for the analytic 2-D
 teacher that is the exact flow map to solver precision. Writes `<out>/table.md`, `table.csv`,
-`results.json`, `hop_errors.png` (error vs t per NFE, per run) and `final_vs_nfe.png`.
+`results.json`, `hop_errors.png` (error vs t per NFE, per run) and `final_vs_nfe.png` for training
+seed 0, and — the default runs trained with `--seeds` N > 1 — `over_seeds.md` / `over_seeds.json`: every
+per-hop error and final SW2 as mean ± sample sd over the seeds, how often the first hop is the largest,
+the thread count and the torch version.
 """
 
 from __future__ import annotations
@@ -189,8 +192,53 @@ def write_outputs(results: dict, out: str, nfes) -> str:
     return "\n".join(md)
 
 
-def ensure_runs(benchmark: str, runs_root: str, steps: int | None, extra=()) -> dict:
-    """The default (without / with N2N) runs, trained with the ablation settings when absent."""
+def over_seeds(by_seed: dict, nfes) -> tuple[dict, str]:
+    """Mean ± sample sd (ddof = 1) over training seeds of every per-hop error and final SW2, and how often
+    the first hop is the largest; returns (table dict, Markdown)."""
+    import torch
+
+    seeds = sorted(by_seed)
+    first = by_seed[seeds[0]]
+
+    def stat(values):
+        v = np.asarray(values, dtype=float)
+        return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+
+    table = {"meta": {"seeds": seeds, "threads": torch.get_num_threads(), "torch": torch.__version__}, "runs": {}}
+    md = [f"## Over training seeds {seeds} (mean ± sample sd, ddof = 1)", "",
+          "| run | NFE | hop | t → t' | accumulated | local (hop alone) |", "|---|---|---|---|---|---|"]
+    for label in first:
+        entry = table["runs"].setdefault(label, {"hops": {}, "final": {}, "first_hop_largest": {}})
+        for k in nfes:
+            hops = [by_seed[s][label]["hops"]["chain"][str(k)] for s in seeds]
+            rows = []
+            for i, r in enumerate(hops[0]):
+                acc, loc = stat([h[i]["accumulated"] for h in hops]), stat([h[i]["local"] for h in hops])
+                rows.append({"t_from": r["t_from"], "t_to": r["t_to"], "accumulated": acc, "local": loc})
+                md.append(f"| {label} | {k} | {i + 1} | {r['t_from']:.3f} → {r['t_to']:.3f} | "
+                          f"{acc['mean']:.4f} ± {acc['sd']:.4f} | {loc['mean']:.4f} ± {loc['sd']:.4f} |")
+            entry["hops"][str(k)] = rows
+            if len(hops[0]) > 1:
+                entry["first_hop_largest"][str(k)] = sum(
+                    int(np.argmax([r["local"] for r in h]) == 0) for h in hops)
+        for sampler in first[label]["final"]:
+            entry["final"][sampler] = {str(k): stat([by_seed[s][label]["final"][sampler][str(k)] for s in seeds])
+                                       for k in nfes}
+    md += ["", "## Final SW2 vs NFE over seeds", "", "| run | sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
+           "|---|---|" + "---|" * len(nfes)]
+    for label, entry in table["runs"].items():
+        for sampler, by_nfe in entry["final"].items():
+            md.append(f"| {label} | {sampler} | " + " | ".join(
+                f"{by_nfe[str(k)]['mean']:.4f} ± {by_nfe[str(k)]['sd']:.4f}" for k in nfes) + " |")
+    md += ["", "## First hop the largest (seeds out of " + str(len(seeds)) + ")", ""]
+    for label, entry in table["runs"].items():
+        md += [f"- {label}, NFE {k}: {n}/{len(seeds)}" for k, n in entry["first_hop_largest"].items()]
+    return table, "\n".join(md)
+
+
+def ensure_runs(benchmark: str, runs_root: str, steps: int | None, extra=(), seed: int = 0) -> dict:
+    """The default (without / with N2N) runs of training seed `seed`, trained with the ablation settings
+    when absent."""
     sys.path.insert(0, os.path.join(os.getcwd(), "analysis"))
     from ablation_table import row_spec
 
@@ -199,7 +247,7 @@ def ensure_runs(benchmark: str, runs_root: str, steps: int | None, extra=()) -> 
 
     dirs = {}
     for label, row in DEFAULT_RUNS.items():
-        spec = row_spec(benchmark, row, 0, steps, runs_root, tuple(extra) + ("experiment.stages = ('distill',)",))
+        spec = row_spec(benchmark, row, seed, steps, runs_root, tuple(extra) + ("experiment.stages = ('distill',)",))
         if checkpoint.latest_valid(os.path.join(spec.run_dir, "checkpoints"))[1] is None:
             prepare(spec)
             parse(spec.gin_files, spec.bindings)
@@ -220,6 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=4321, help="seed of the held-out noise")
     p.add_argument("--ode-steps", type=int, default=200, help="RK4 steps per unit time of the exact trajectory")
     p.add_argument("--steps", type=int, default=None, help="steps when the default runs must be trained")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds of the default runs (0 … N − 1); mean ± sd "
+                                                         "in over_seeds.md (ignored with --runs)")
     p.add_argument("--bind", action="append", default=[], help="extra binding when training the default runs")
     p.add_argument("--runs-root", default="runs/ablations", help="where the default runs live (trained if absent)")
     p.add_argument("--out", default=None, help="output directory (default: a fresh runs/analysis/error_accumulation-"
@@ -227,21 +277,33 @@ def main(argv=None) -> int:
                                                "error_accumulation-toy2d, replaced only when given here)")
     args = p.parse_args(argv)
     sys.path.insert(0, os.getcwd())
+    if args.seeds < 1:
+        print("error_accumulation: error: --seeds must be ≥ 1", file=sys.stderr)
+        return 2
     try:
         if args.runs:
-            dirs = {os.path.basename(os.path.abspath(d)): d for d in args.runs}
+            dirs = {os.path.basename(os.path.abspath(d)): d for d in args.runs}  # one set, no seeds
             for d in dirs.values():
                 if not os.path.isfile(os.path.join(d, "config.gin")):
                     raise FileNotFoundError(f"{d} is not a run directory (no config.gin)")
+            by_seed = {0: study(dirs, args.nfe, args.n, args.seed, args.ode_steps)}
         else:
-            dirs = ensure_runs(args.benchmark, args.runs_root, args.steps, args.bind)
-        results = study(dirs, args.nfe, args.n, args.seed, args.ode_steps)
+            by_seed = {k: study(ensure_runs(args.benchmark, args.runs_root, args.steps, args.bind, k), args.nfe,
+                                args.n, args.seed, args.ode_steps) for k in range(args.seeds)}
     except (FileNotFoundError, ValueError) as e:
         print(f"error_accumulation: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     out = args.out or os.path.join("runs", "analysis", time.strftime("error_accumulation-%Y%m%d-%H%M%S"))
-    print(write_outputs(results, out, args.nfe))
-    print(f"\n→ {out}/table.md, table.csv, results.json, hop_errors.png, final_vs_nfe.png")
+    print(write_outputs(by_seed[0], out, args.nfe))  # the detailed tables and figures: training seed 0
+    if len(by_seed) > 1:
+        table, md = over_seeds(by_seed, args.nfe)
+        with open(os.path.join(out, "over_seeds.json"), "w") as f:
+            json.dump(table, f, indent=1)
+        with open(os.path.join(out, "over_seeds.md"), "w") as f:
+            f.write(md + "\n")
+        print("\n" + md)
+    print(f"\n→ {out}/table.md, table.csv, results.json, hop_errors.png, final_vs_nfe.png"
+          + (", over_seeds.md, over_seeds.json" if len(by_seed) > 1 else ""))
     return 0
 
 

@@ -116,11 +116,16 @@ def test_scripts_produce_their_files(tmp_path):
     assert len(over["table"]["cd_only"]["divergence_events"]["values"]) == 2
     assert " ± " in (out / "over_seeds.md").read_text()
     out2 = tmp_path / "ea"
-    assert error_accumulation.main(["--nfe", "1", "2", "--n", "64", "--steps", "8", "--ode-steps", "50",
+    assert error_accumulation.main(["--nfe", "1", "2", "--n", "64", "--steps", "8", "--ode-steps", "50", "--seeds", "2",
                                     "--runs-root", str(tmp_path / "abl"), "--out", str(out2),
                                     "--bind", "evaluate.n_samples = 100"] + common) == 0
-    for f in ("table.md", "table.csv", "results.json", "hop_errors.png", "final_vs_nfe.png"):
+    for f in ("table.md", "table.csv", "results.json", "hop_errors.png", "final_vs_nfe.png", "over_seeds.md"):
         assert (out2 / f).stat().st_size > 0, f
+    ea = json.loads((out2 / "over_seeds.json").read_text())
+    assert ea["meta"]["seeds"] == [0, 1] and ea["meta"]["torch"]
+    hop = ea["runs"]["with N2N (DE-CM)"]["hops"]["2"][0]["local"]
+    assert len(hop["values"]) == 2 and hop["values"][0] != hop["values"][1]  # two trainings, not one twice
+    assert abs(hop["mean"] - sum(hop["values"]) / 2) < 1e-12
     assert loss_divergence.main(["--configs", "nope"]) == 2
     assert error_accumulation.main(["--runs", str(tmp_path / "absent")]) == 2
 

@@ -109,7 +109,7 @@ def teachers(tmp_path_factory):
     return {k: make_teacher(k, str(root / k)) for k in ("sit", "mlp")}
 
 
-@pytest.mark.parametrize("backbone,world", [("sit", 2), ("sit", 4), ("mlp", 2)])
+@pytest.mark.parametrize("backbone,world", [("sit", 2), ("sit", 4), ("mlp", 2), ("mlp", 4)])
 def test_fsdp_matches_ddp_losses_and_parameters(tmp_path, teachers, backbone, world):
     ddp = launch(tmp_path / "ddp", teachers[backbone], world, backbone, "ddp")
     fsdp = launch(tmp_path / "fsdp", teachers[backbone], world, backbone, "fsdp")
@@ -253,3 +253,18 @@ def test_fsdp_bad_input_is_one_line(tmp_path):
     assert r.returncode == 2, r.stderr
     err = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(err) == 1 and "needs several processes" in err[0], r.stderr
+
+
+def test_mixed_precision_policy_keeps_the_jvp_fp32_unless_asked():
+    from decm import parallel
+
+    cpu = parallel.mixed_precision(torch.device("cpu"), "bf16", "bf16")
+    assert cpu.param_dtype is None and cpu.reduce_dtype is None  # CPU: fp32 throughout
+    default = parallel.mixed_precision(torch.device("cuda", 0), "bf16", "fp32")
+    assert default.param_dtype is None and default.reduce_dtype == torch.float32  # fp32 gathers: the JVP stays fp32
+    lean = parallel.mixed_precision(torch.device("cuda", 0), "bf16", "bf16")
+    assert lean.param_dtype == torch.bfloat16 and lean.reduce_dtype == torch.float32
+    assert parallel.mixed_precision(torch.device("cuda", 0), "fp32", "bf16").param_dtype is None
+    with pytest.raises(parallel.ParallelConfigError, match="gather_dtype"):
+        gin.parse_config("fsdp.gather_dtype = 'fp8'")
+        parallel.fsdp_options()
