@@ -8,7 +8,7 @@ extractor, all 1,797 digits as the reference, the same noise everywhere) at NFE 
   - the flow-map chain on the uniform grid, on shifted grids (`samplers.chain.shift` 0.5: more steps
     near the data; 2: more near the noise) — the grid;
   - CM re-noise sampling (jump to the data, re-noise, jump again) — the sampler;
-and measures per hop of the uniform 4-NFE chain the RMS error against the teacher's own guided ODE
+and measures per hop of the uniform 1-, 2- and 4-NFE chains the RMS error against the teacher's own guided ODE
 trajectory from the same noise (RK4, `--ode-steps`): `local` (the hop started from the exact point)
 and `accumulated` (the chain's point), so a chain whose hops are each fine but whose errors add up is
 told apart from one with a bad hop. Runs with other N2N settings or lengths are compared by passing
@@ -55,8 +55,9 @@ def fids(run_dir: str, step: int, sampler: str, binds, n: int, out: str) -> dict
 
 
 @torch.no_grad()
-def hops(run_dir: str, step: int, n: int, nfe: int, ode_steps: int, seed: int = 0) -> list[dict]:
-    """Per-hop RMS errors of the uniform chain against the guided teacher ODE (see the module docstring)."""
+def hops(run_dir: str, step: int, n: int, nfes, ode_steps: int, seed: int = 0) -> dict:
+    """{nfe: per-hop RMS errors of the uniform chain against the guided teacher ODE} (module docstring);
+    the teacher trajectory is solved once, through every grid point."""
     import gin
 
     from decm.eval.evaluate import load_student, sample_noise
@@ -82,15 +83,19 @@ def hops(run_dir: str, step: int, n: int, nfe: int, ode_steps: int, seed: int = 
     idx = torch.arange(n)
     z = sample_noise(idx.numpy(), dataset.shape, seed)
     y = idx % dataset.num_classes if dataset.num_classes else None
-    grid = time_grid(nfe)
-    exact = exact_points(velocity, z, y, grid, ode_steps)
-    x, rows = z, []
-    for a, b in zip(grid[:-1], grid[1:]):
-        ta, tb = torch.full((n,), a), torch.full((n,), b)
-        x = x + (b - a) * student(x, ta, tb, y)
-        local = exact[float(a)] + (b - a) * student(exact[float(a)], ta, tb, y)
-        rows.append({"t_from": a, "t_to": b, "accumulated": rms(x, exact[float(b)]), "local": rms(local, exact[float(b)])})
-    return rows
+    exact = exact_points(velocity, z, y, sorted({t for k in nfes for t in time_grid(k)}), ode_steps)
+    out = {}
+    for k in nfes:
+        grid = time_grid(k)
+        x, rows = z, []
+        for a, b in zip(grid[:-1], grid[1:]):
+            ta, tb = torch.full((n,), a), torch.full((n,), b)
+            x = x + (b - a) * student(x, ta, tb, y)
+            local = exact[float(a)] + (b - a) * student(exact[float(a)], ta, tb, y)
+            rows.append({"t_from": a, "t_to": b, "accumulated": rms(x, exact[float(b)]),
+                         "local": rms(local, exact[float(b)])})
+        out[k] = rows
+    return out
 
 
 def main(argv=None) -> int:
@@ -118,8 +123,8 @@ def main(argv=None) -> int:
                 cell_out = os.path.join(out, "evals", f"{os.path.basename(os.path.normpath(run_dir))}-step{step}-"
                                         f"{sampler}-{'_'.join(b.split()[-1] for b in binds) or 'uniform'}")
                 entry["fid"][label] = fids(run_dir, step, sampler, binds, args.n, cell_out)
-            entry["hops_nfe4"] = hops(run_dir, step, args.hop_n, 4, args.ode_steps)
-            entry["hops_nfe2"] = hops(run_dir, step, args.hop_n, 2, args.ode_steps)
+            for k, rows in hops(run_dir, step, args.hop_n, (1, 2, 4), args.ode_steps).items():
+                entry[f"hops_nfe{k}"] = rows
             results.append(entry)
             print(f"[digits_nfe] {run_dir} step {step}: " + "; ".join(
                 f"{k}: {v['1']:.1f}/{v['2']:.1f}/{v['4']:.1f}" for k, v in entry["fid"].items()), file=sys.stderr, flush=True)
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
                          f"{v['1']:.1f} | {v['2']:.1f} | {v['4']:.1f} |")
     hop_lines = ["| run | step | NFE | hop | local RMS error | accumulated RMS error |", "|---|---|---|---|---|---|"]
     for e in results:
-        for k in (2, 4):
+        for k in (1, 2, 4):
             for h in e[f"hops_nfe{k}"]:
                 hop_lines.append(f"| {os.path.basename(os.path.normpath(e['run_dir']))} | {e['step']} | {k} | "
                                  f"{h['t_from']:.2f}→{h['t_to']:.2f} | {h['local']:.3f} | {h['accumulated']:.3f} |")

@@ -210,6 +210,7 @@ def test_digits_nfe_study_grids_samplers_and_per_hop_errors(tmp_path):
         hops = e["hops_nfe4"]
         assert len(hops) == 4 and hops[0]["local"] == hops[0]["accumulated"] > 0
         assert [h["t_to"] for h in hops] == [0.25, 0.5, 0.75, 1.0]
+        assert len(e["hops_nfe1"]) == 1 and e["hops_nfe1"][0]["local"] == e["hops_nfe1"][0]["accumulated"]
     assert res[0]["fid"]["chain, uniform grid"]["2"] != res[1]["fid"]["chain, uniform grid"]["2"]  # other weights
     assert "| digits | 4 | CM re-noise, uniform |" in (out / "table.md").read_text()
     assert digits_nfe.main([str(tmp_path / "absent")]) == 2
