@@ -118,7 +118,19 @@ def tune_row(benchmark: str, row: str, trials: int, steps: int | None, runs_root
     if summary["best"] is None:
         raise ValueError(f"tuning {row}: no trial completed ({summary['states']}); see {sweep_dir}")
     return {"params": summary["best"]["params"], "value": summary["best"]["value"], "sweep_dir": sweep_dir,
-            "states": summary["states"], "trials": trials, "steps": steps, "metric": spec.metric}
+            "states": summary["states"], "trials": trials, "steps": steps, "metric": spec.metric,
+            "seconds": trial_seconds(sweep_dir)}
+
+
+def trial_seconds(sweep_dir: str) -> float:
+    """Stage seconds summed over the study's finished trials, as each trial run measured them."""
+    import glob
+
+    total = 0.0
+    for path in glob.glob(os.path.join(sweep_dir, "trials", "trial-*", "summary.json")):
+        with open(path) as f:
+            total += sum(v["seconds"] for v in json.load(f).values() if isinstance(v, dict) and "seconds" in v)
+    return total
 
 
 def run_dir_of(specs, row: str, seed: int):
@@ -271,8 +283,10 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
         md.append("")
     train_s = sum(v for r in results.values() for v in r.get("seconds", {}).values())
     if seconds is not None:
+        tune_s = sum(t.get("seconds", 0.0) for t in (tuned or {}).values())
         md += [f"Training time summed over the runs' stages: {train_s:.0f} s (each run's own clock, shared CPUs "
-               f"included); this command's wall time: {seconds:.0f} s (finished runs are reused).", ""]
+               f"included)" + (f", plus {tune_s:.0f} s of tuning trials" if tuned else "") +
+               f"; this command's wall time: {seconds:.0f} s (finished runs are reused).", ""]
     md += ["## Relations", ""]
     for r in rels:
         mark = "n/a" if r["holds"] is None else ("holds" if r["holds"] else "does NOT hold")
@@ -355,6 +369,7 @@ def main(argv=None) -> int:
               f"--benchmark {args.benchmark}: use --benchmark toy2d_cond or digits", file=sys.stderr)
         return 2
     from decm.job import ConfigError
+    from decm.run_lock import RunLocked
     from decm.sweep import SweepError
 
     seeds = list(range(args.seeds))
@@ -375,7 +390,7 @@ def main(argv=None) -> int:
                  for r in rows}
         specs = [row_spec(args.benchmark, r, s, args.steps, args.runs_root, extra[r]) for r in rows for s in seeds]
         results = run_all(specs, args.backend, args.cluster_gin)
-    except (ConfigError, SweepError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, SweepError, FileNotFoundError, ValueError, RunLocked) as e:  # RunLocked: another command trains that row
         print(f"ablation_table: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     metric = BENCHMARKS[args.benchmark][1]
