@@ -21,6 +21,7 @@ remainder (the objective's replicated learnable parameters). Writes `<out>/memor
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -79,11 +80,12 @@ def worker(rank, world, port, preset, mode, steps, out):
 
     student = student_from_teacher(lambda **kw: sit(preset, time_scale=1.0, **kw), Data, teacher_net)
     teacher = NetworkTeacher(teacher_net)
-    ema = __import__("copy").deepcopy(student).eval().requires_grad_(False)
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
     objective = decm_objective(guidance=CFG(scale=1.5, clip_norm=1.0))
     wrapped = parallel.wrap(student, ema, teacher, mode, world, info.device, shard_teacher=mode == "fsdp")
     groups = train_state.param_groups(student, objective)
     params = [p for g in groups for p in g["params"]]
+    extra = groups[1]["params"] if len(groups) > 1 else []  # the objective's replicated parameters
     opt = torch.optim.AdamW(groups, lr=1e-4)
 
     def agree(bad):
@@ -98,7 +100,7 @@ def worker(rank, world, port, preset, mode, steps, out):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         objective(wrapped, teacher, x1, y, step, g, backward=True, agree=agree)
-        parallel.sync_replicated_grads(groups[1]["params"] if len(groups) > 1 else [], world)
+        parallel.sync_replicated_grads(extra, world)
         parallel.clip_grad_norm(params, 1.0)
         opt.step()
         with torch.no_grad():
@@ -109,18 +111,16 @@ def worker(rank, world, port, preset, mode, steps, out):
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if step > 0:  # the first step builds the optimizer state and warms up
             times.append(float(elapsed))
-    counts = torch.tensor([float(_nbytes(p for p in student.parameters())),
-                           float(_nbytes(p.grad for p in student.parameters())) + _nbytes(
-                               p.grad for p in params[len(list(student.parameters())):]),
-                           float(_nbytes(v for s in opt.state.values() for k, v in s.items() if k != "step")),
-                           float(_nbytes(ema.parameters())), float(_nbytes(teacher_net.parameters()))],
-                          dtype=torch.float64)
-    counts[0] += _nbytes(params[len(list(student.parameters())):])  # the objective's replicated parameters
+    moments = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
+    counts = torch.tensor([float(_nbytes([*student.parameters(), *extra])),
+                           float(_nbytes(p.grad for p in [*student.parameters(), *extra])),
+                           float(_nbytes(moments)), float(_nbytes(ema.parameters())),
+                           float(_nbytes(teacher_net.parameters()))], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     if rank == 0:
         row = {"preset": preset, "world": world, "mode": mode, **{k: int(v) for k, v in zip(PARTS, counts.tolist())},
-               "replicated_numel": sum(p.numel() for p in params[len(list(student.parameters())):]),
+               "replicated_numel": sum(p.numel() for p in extra),
                "step_seconds": statistics.median(times), "steps_timed": len(times)}
         with open(out, "w") as f:
             json.dump(row, f)

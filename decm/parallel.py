@@ -44,10 +44,15 @@ class ParallelConfigError(ValueError):
     """A parallel setting that cannot work with this job (one line, exit 2 through the launcher)."""
 
 
-def resolve(parallel: str, world_size: int) -> str:
-    """The effective mode: 'none', 'ddp' or 'fsdp' ('auto' → DDP with several processes)."""
+def check_mode(parallel: str) -> None:
+    """The setting is one of MODES (dry runs check this much; `resolve` also checks the world size)."""
     if parallel not in MODES:
         raise ParallelConfigError(f"train.parallel must be one of {MODES}, got {parallel!r}")
+
+
+def resolve(parallel: str, world_size: int) -> str:
+    """The effective mode: 'none', 'ddp' or 'fsdp' ('auto' → DDP with several processes)."""
+    check_mode(parallel)
     if parallel == "auto":
         return "ddp" if world_size > 1 else "none"
     if parallel in ("ddp", "fsdp") and world_size < 2:

@@ -311,8 +311,7 @@ def build_summary(stage, dataset, backbone, objective, teacher_source, parallel=
     launcher's dry run estimates the per-GPU training state for the cluster's world size."""
     from decm import memory
 
-    if parallel not in data_parallel.MODES:
-        raise data_parallel.ParallelConfigError(f"train.parallel must be one of {data_parallel.MODES}, got {parallel!r}")
+    data_parallel.check_mode(parallel)
     if stage == "distill" and teacher_source == "analytic":
         dataset.analytic_teacher()  # raises for datasets without an exact teacher
     with torch.device("meta"):
