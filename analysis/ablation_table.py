@@ -29,14 +29,17 @@ import time
 
 import numpy as np
 
-# name: (benchmark gin, metric, teacher guided with CFG w > 1)
-BENCHMARKS = {"toy2d": ("gin/toy2d.gin", "sw2", False), "toy2d_cond": ("gin/toy2d_cond.gin", "sw2", True),
-              "toy2d_exact": ("gin/toy2d_exact_teacher.gin", "sw2", False),
-              "digits": ("gin/quickstart.gin", "fid", True)}
+# name: (benchmark gin, metric, teacher guided with CFG w > 1, finite reference). A finite reference (digits: the
+# 1,797 images themselves) cannot be drawn afresh for tuning, so tuning scores against one half of it and every
+# final evaluation against the other (evaluate.reference_part 'tune' / 'final'); a 2-D reference is drawn anew.
+BENCHMARKS = {"toy2d": ("gin/toy2d.gin", "sw2", False, False), "toy2d_cond": ("gin/toy2d_cond.gin", "sw2", True, False),
+              "toy2d_exact": ("gin/toy2d_exact_teacher.gin", "sw2", False, False),
+              "digits": ("gin/quickstart.gin", "fid", True, True)}
 CLIP_ROWS = ("clip_off", "clip_on")  # η only changes the targets where CFG w > 1
 # Tuning (--tune): every row gets its own Optuna study with the same trials and steps per trial. The
 # objective is the mean chain metric at NFE 1, 2 and 4 on *held-out* noise and reference samples
-# (evaluate.seed 777, reference drawn from seed 778); the final evaluation uses evaluate.seed 1234 + k.
+# (evaluate.seed 777, reference drawn from seed 778, or the 'tune' half of a finite reference); the final
+# evaluation uses evaluate.seed 1234 + k (and the 'final' half).
 TUNE_EVAL_SEED = 777
 TUNE_METRIC = "student.1.{m},student.2.{m},student.4.{m}"
 CORE = ["teacher", "fm_only", "cd_only", "fm_cd", "fm_n2n", "decm", "scm", "meanflow"]
@@ -56,9 +59,11 @@ def row_spec(benchmark: str, row: str, seed: int, steps: int | None, runs_root: 
     """The RunSpec of one row and seed (`name` labels the run directory; default: the row)."""
     from decm.job import RunSpec
 
-    gin_file = BENCHMARKS[benchmark][0]
+    gin_file, _, _, finite_reference = BENCHMARKS[benchmark]
     bindings = [f"distill/train.seed = {seed}", f"evaluate.seed = {1234 + seed}", "train.progress = False",
                 f"wandb.group = 'ablation-{benchmark}'", f"wandb.tags = ['{row}', 'seed{seed}']"]
+    if finite_reference:
+        bindings.append("evaluate.reference_part = 'final'")  # never the half that tuning scored against
     if row == "teacher":
         bindings += ["evaluate.teacher_nfe = (1, 2, 4, 50)", "evaluate.teacher_samplers = ('teacher_euler',)"]
     else:
@@ -84,9 +89,21 @@ def config_key(gin_files, bindings) -> str:
     return hashlib.sha256(gin.config_str().encode()).hexdigest()[:12]
 
 
-def space_path(row: str) -> str:
-    """The row's search space, beside its gin diff."""
-    return f"gin/ablations/{row}.space.yaml"
+def space_path(row: str, benchmark: str | None = None) -> str:
+    """The row's search space, beside its gin diff: gin/ablations/<benchmark>/<row>.space.yaml where the
+    benchmark has its own (step-valued ranges sized to its distillation length), else gin/ablations/<row>.space.yaml."""
+    own = f"gin/ablations/{benchmark}/{row}.space.yaml"
+    return own if benchmark and os.path.exists(own) else f"gin/ablations/{row}.space.yaml"
+
+
+def tune_bindings(benchmark: str, steps: int | None, extra=()) -> tuple:
+    """The bindings every tuning trial of `benchmark` runs with: held-out noise (and reference half), the chain
+    at NFE 1/2/4 only, distillation seed 0."""
+    finite_reference = BENCHMARKS[benchmark][3]
+    return ("distill/train.seed = 0", f"evaluate.seed = {TUNE_EVAL_SEED}", "evaluate.student_nfe = (1, 2, 4)",
+            "evaluate.student_samplers = ('chain',)", "evaluate.teacher_nfe = ()", "train.progress = False",
+            f"wandb.group = 'tuning-{benchmark}'") + ((f"distill/train.steps = {steps}",) if steps else ()) + \
+        (("evaluate.reference_part = 'tune'",) if finite_reference else ()) + tuple(extra)
 
 
 def tune_row(benchmark: str, row: str, trials: int, steps: int | None, runs_root: str, extra=()) -> dict:
@@ -96,12 +113,9 @@ def tune_row(benchmark: str, row: str, trials: int, steps: int | None, runs_root
 
     from decm import sweep
 
-    gin_file, metric, _ = BENCHMARKS[benchmark]
-    gin_files = (gin_file, f"gin/ablations/{row}.gin")
-    bindings = ("distill/train.seed = 0", f"evaluate.seed = {TUNE_EVAL_SEED}", "evaluate.student_nfe = (1, 2, 4)",
-                "evaluate.student_samplers = ('chain',)", "evaluate.teacher_nfe = ()", "train.progress = False",
-                f"wandb.group = 'tuning-{benchmark}'") + ((f"distill/train.steps = {steps}",) if steps else ()) + tuple(extra)
-    space = sweep.load_space(space_path(row))
+    gin_file, metric = BENCHMARKS[benchmark][:2]
+    gin_files, bindings = (gin_file, f"gin/ablations/{row}.gin"), tune_bindings(benchmark, steps, extra)
+    space = sweep.load_space(space_path(row, benchmark))
     key = hashlib.sha256((config_key(gin_files, bindings) + json_.dumps(space, sort_keys=True)).encode()).hexdigest()[:12]
     sweep_dir = os.path.join(runs_root, "tuning", benchmark, f"{row}-{key}")
     spec = sweep.SweepSpec(gin_files, bindings, space, sweep_dir, row, "", trials, TUNE_METRIC.format(m=metric))
@@ -377,7 +391,7 @@ def main(argv=None) -> int:
     tuned = {}
     try:
         if args.tune:
-            missing = [r for r in rows if r != "teacher" and not os.path.exists(space_path(r))]
+            missing = [r for r in rows if r != "teacher" and not os.path.exists(space_path(r, args.benchmark))]
             if missing:
                 raise ValueError(f"--tune: rows {missing} have no search space ({space_path(missing[0])})")
             for r in rows:

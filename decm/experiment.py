@@ -19,7 +19,8 @@ from decm.train import train
 
 # Gin modules whose bindings cannot change a pretrained teacher (excluded from its cache key).
 _NOT_TEACHER = ("objectives.objective.", "objectives.term.", "losses.", "selectors.", "n2n_variants.", "guidance.", "evaluate.",
-                "experiment.", "samplers.", "time_samplers.", "teachers.", "cluster.", "wandb.")
+                "experiment.", "samplers.", "time_samplers.", "teachers.", "cluster.", "wandb.",
+                "train.progress")  # display only: an ablation row's `train.progress = False` reuses the quickstart's teacher
 
 
 def gin_statements(config: str) -> list[str]:

@@ -200,3 +200,29 @@ def test_tuning_gives_every_row_the_same_budget_resumes_and_reports_the_chosen_v
     t = json.loads((out / "results.json").read_text())["tuned"]["fm_cd"]
     study = optuna.load_study(study_name="fm_cd", storage=sweep.storage_for(sweep.SweepSpec((), (), {}, t["sweep_dir"], "fm_cd")))
     assert len(study.trials) == 3
+
+
+def test_digits_tuning_scores_a_held_out_reference_half_and_sizes_step_ranges_to_its_run():
+    """Digits has one finite reference (the 1,797 images): tuning trials score against the 'tune' half and every
+    final row (the teacher's too) against the 'final' half; the 2-D benchmarks draw fresh references and keep
+    'all'. The digits spaces tune the same settings as the 2-D ones, with step ranges inside the digits run."""
+    from decm import sweep
+
+    assert "evaluate.reference_part = 'tune'" in ablation.tune_bindings("digits", 400)
+    assert not any("reference_part" in b for b in ablation.tune_bindings("toy2d", 400))
+    for row in ("teacher", "decm", "fm_only"):
+        assert "evaluate.reference_part = 'final'" in ablation.row_spec("digits", row, 1, 400, "runs").bindings
+        assert not any("reference_part" in b for b in ablation.row_spec("toy2d", row, 1, 400, "runs").bindings)
+    own = sorted(os.path.basename(p) for p in glob.glob("gin/ablations/digits/*.space.yaml"))
+    assert own == ["decm.space.yaml", "fm_n2n.space.yaml", "scm.space.yaml"]
+    for name in own:
+        row = name[:-len(".space.yaml")]
+        assert ablation.space_path(row, "digits") == f"gin/ablations/digits/{name}"
+        digits, base = sweep.load_space(f"gin/ablations/digits/{name}"), sweep.load_space(f"gin/ablations/{name}")
+        assert set(digits) == set(base)
+        for key, dist in digits.items():
+            if "steps" in key:
+                assert dist["high"] <= 400 < base[key]["high"], key
+            else:
+                assert dist == base[key], key
+    assert ablation.space_path("fm_only", "digits") == ablation.space_path("fm_only") == "gin/ablations/fm_only.space.yaml"

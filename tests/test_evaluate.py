@@ -248,3 +248,24 @@ def test_local_report_from_two_runs_and_the_wandb_report_object(tmp_path):
     assert kinds[0] == "H1" and "PanelGrid" in kinds and "CodeBlock" in kinds
     assert any("| base | student | chain | 1 |" in getattr(x, "text", "") for x in rep.blocks)
     assert report.main([str(tmp_path / "absent"), "--out", out]) == 2
+
+
+def test_tune_and_final_reference_halves_are_disjoint_and_bad_parts_are_refused(tmp_path):
+    """Tuning on a finite dataset scores against one half of it and the final evaluation against the other:
+    on digits (1,797 images) the halves are 898 distinct images each with no image in both; 'all' keeps the
+    draw from seed + 1; an unknown part, or a split of fixed statistics, is a one-line error."""
+    from decm.data.builtin import Digits
+    from decm.eval.evaluate import draw_reference, evaluate
+
+    data = Digits(image_size=8, conditional=True)
+    tune, final = draw_reference(data, 1797, 5, "tune"), draw_reference(data, 1797, 9, "final")
+    assert len(tune) == len(final) == 898
+    rows = lambda x: {bytes(r.numpy().tobytes()) for r in x}  # noqa: E731
+    assert len(rows(tune)) == 898 and len(rows(final)) == 898 and not rows(tune) & rows(final)
+    assert rows(tune) | rows(final) <= rows(data.images)
+    assert torch.equal(draw_reference(data, 1797, 123, "tune"), tune)  # the split does not move with the noise seed
+    assert torch.equal(draw_reference(data, 100, 4, "all"), data.reference(100, torch.Generator().manual_seed(5))[0])
+    with pytest.raises(ValueError, match="reference_part = 'val': choose one of all, tune, final"):
+        evaluate(str(tmp_path), dataset=data, backbone=None, reference_part="val")
+    with pytest.raises(ValueError, match="cannot split the fixed statistics"):
+        evaluate(str(tmp_path), dataset=data, backbone=None, reference_part="tune", ref_stats="ref.npz")

@@ -200,6 +200,7 @@ def test_teacher_cache_key_ignores_distillation_settings_and_follows_teacher_one
     base = key()
     assert {key(row=r) for r in ("fm_only", "fm_cd", "fm_n2n", "scm", "meanflow", "cd_only", "lambda0")} == {base}
     assert key("distill/train.lr = 0.1", "losses.cm_loss.target = 'plain'", "guidance.cfg.scale = 3.0") == base
+    assert key("train.progress = False") == key("train.progress = True") == base  # display only
     for teacher_setting in ("teacher/train.steps = 10", "backbones.mlp.width = 64", "train.batch_size = 8",
                             "objectives.flow_matching_pretrain.label_dropout = 0.2",
                             "datasets.gaussian_mixture_2d.std = 0.2"):

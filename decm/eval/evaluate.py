@@ -4,6 +4,9 @@
 - Images (pixels or latents decoded by a VAE): FID / IS / KID / precision-recall through torch-fidelity
   (decm.eval.fidelity) against reference statistics — a `.npz` file (`evaluate.ref_stats`) or, when
   unset, statistics computed from `dataset.reference` (the CPU-scale digits flow).
+- Held-out tuning (`reference_part`): 'tune' and 'final' score against two disjoint halves of one fixed
+  reference draw, so that a study tuned on one half never sees the other (on digits: 898 + 898 of the
+  1,797 images); 'all' (default) draws n_samples with seed + 1.
 
 Samples are deterministic per sample index: noise z_i from the seed (seed, i), labels i mod classes,
 so a 2-GPU and an 8-GPU evaluation draw the same samples. Under torchrun / Slurm each rank generates
@@ -113,6 +116,21 @@ def default_extractor(dataset) -> str:
     return "digits" if isinstance(dataset, Digits) else "inception"
 
 
+REFERENCE_PARTS = ("all", "tune", "final")
+REFERENCE_SPLIT_SEED = 2026  # the one draw that 'tune' and 'final' split
+
+
+def draw_reference(dataset, n: int, seed: int, part: str = "all") -> torch.Tensor:
+    """The reference samples: `n` drawn with seed + 1 ('all'), or one half of a fixed draw of 2n ('tune': the
+    first half, 'final': the second), disjoint by construction. On a finite dataset the draw is the whole
+    dataset shuffled, so the halves are two disjoint halves of it."""
+    if part == "all":
+        return dataset.reference(n, torch.Generator().manual_seed(seed + 1))[0]
+    pool = dataset.reference(2 * n, torch.Generator().manual_seed(REFERENCE_SPLIT_SEED))[0]
+    half = len(pool) // 2
+    return pool[:half] if part == "tune" else pool[half:2 * half]
+
+
 @gin.configurable(denylist=["run_dir", "teacher_checkpoint"])
 def evaluate(
     run_dir: str,
@@ -130,6 +148,7 @@ def evaluate(
     extractor: str = "auto",             # 'auto' (digits for digits, else inception), 'inception', 'digits'
     feature_weights_path: str | None = None,  # extractor weights file (or $DECM_INCEPTION_WEIGHTS / $DECM_DIGITS_WEIGHTS)
     ref_stats: str | None = None,        # reference-statistics .npz (None: computed from dataset.reference)
+    reference_part: str = "all",         # 'all' (drawn with seed + 1); 'tune' / 'final': disjoint halves of one fixed draw
     metrics=("fid", "kid"),              # image metrics among fid, isc, kid, prc
     vae: str | None = None,              # latents: decoder name (decm.data.encode_latents)
     use_ema: bool = True,                # evaluate the EMA weights (False: raw)
@@ -158,6 +177,10 @@ def evaluate(
       extractor: feature extractor.
       feature_weights_path: extractor weights.
       ref_stats: reference statistics file.
+      reference_part: which reference samples are scored against: 'all' draws `n_samples` with seed + 1;
+        'tune' and 'final' split one fixed draw of 2·n_samples (seed REFERENCE_SPLIT_SEED) into two disjoint
+        halves, so that tuning never sees the final evaluation's reference. On a finite dataset (digits:
+        1,797 images) each half is half the dataset and n_samples is capped to it.
       metrics: image metrics.
       vae: decoder for latents.
       use_ema: EMA weights.
@@ -166,6 +189,11 @@ def evaluate(
       device: device.
       out_dir: output directory.
     """
+    if reference_part not in REFERENCE_PARTS:
+        raise ValueError(f"evaluate.reference_part = {reference_part!r}: choose one of {', '.join(REFERENCE_PARTS)}")
+    if ref_stats and reference_part != "all":
+        raise ValueError(f"evaluate.reference_part = {reference_part!r} splits a drawn reference; it cannot split "
+                         f"the fixed statistics in evaluate.ref_stats = {ref_stats!r}")
     info = distributed.init(device)
     dev = info.device
     out_dir = out_dir or run_dir
@@ -195,14 +223,14 @@ def evaluate(
             ref = fidelity.ReferenceStats.load(ref_stats, fidelity.fidelity_name(ext))
             reference = None
         else:
-            reference, _ = dataset.reference(n_samples, torch.Generator().manual_seed(seed + 1))
+            reference = draw_reference(dataset, n_samples, seed, reference_part)
             ref = fidelity.ReferenceStats.from_features(
                 fidelity.features(fidelity.to_uint8(decode(reference)), ext, weights), ext)
             n_samples = min(n_samples, len(reference))
         post = lambda x: fidelity.features(fidelity.to_uint8(decode(x)), ext, weights)  # noqa: E731
         score = lambda fd: fidelity.metrics(fd, ref, ext, weights, which=tuple(metrics))  # noqa: E731
     else:
-        reference, _ = dataset.reference(n_samples, torch.Generator().manual_seed(seed + 1))
+        reference = draw_reference(dataset, n_samples, seed, reference_part)
         post = None
         score = lambda x: {"sw2": sliced_wasserstein(x, reference),  # noqa: E731
                            "energy": energy_distance(x[:2000], reference[:2000])}
