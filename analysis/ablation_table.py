@@ -290,7 +290,8 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
                f"Each row: its own Optuna study, {any_row['trials']} trials × "
                f"{any_row['steps'] or 'the benchmark'} steps, objective {any_row['metric']} on held-out noise and "
                f"reference (evaluate.seed {TUNE_EVAL_SEED}); the table above evaluates the best configuration on "
-               "the final noise.", ""]
+               "the final noise" + (" and scores every row against the other half of the reference (evaluate."
+                                    "reference_part 'tune' / 'final')." if BENCHMARKS[benchmark][3] else "."), ""]
         for row, t in tuned.items():
             vals = ", ".join(f"`{k}` = {v:.4g}" if isinstance(v, float) else f"`{k}` = {v}" for k, v in t["params"].items())
             md.append(f"- {LABELS.get(row, row)} (validation {t['value']:.4f}): {vals}")

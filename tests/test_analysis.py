@@ -214,3 +214,33 @@ def test_digits_nfe_study_grids_samplers_and_per_hop_errors(tmp_path):
     assert res[0]["fid"]["chain, uniform grid"]["2"] != res[1]["fid"]["chain, uniform grid"]["2"]  # other weights
     assert "| digits | 4 | CM re-noise, uniform |" in (out / "table.md").read_text()
     assert digits_nfe.main([str(tmp_path / "absent")]) == 2
+
+
+def test_study_nfe_lists_every_finished_trial_per_nfe_and_counts_the_rising_ones(tmp_path, capsys):
+    """Built from a hand-made study: a finished trial that gets worse with NFE, one that gets better, a failed
+    one (left out) — the table shows each trial's parameters and metric per NFE, and the count is 1 of 2."""
+    import csv
+
+    study_nfe = load("study_nfe")
+    sweep = tmp_path / "decm-abc"
+    sweep.mkdir()
+    rows = [(0, "COMPLETE", {"1": 30.0, "2": 35.0, "4": 41.0}, "0.5"), (1, "COMPLETE", {"1": 50.0, "2": 44.0, "4": 40.0}, "1.0"),
+            (2, "FAIL", None, "0.2")]
+    with open(sweep / "trials.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["number", "state", "value", "param:losses.n2n_loss.lam", "run_dir", "job_id", "wandb_id", "seconds"])
+        for n, state, fid, lam in rows:
+            run = tmp_path / f"trial-{n}"
+            run.mkdir()
+            if fid:
+                (run / "metrics.json").write_text(json.dumps({"student": {k: {"fid": v} for k, v in fid.items()}}))
+            w.writerow([n, state, sum(fid.values()) / 3 if fid else "", lam, str(run), "", "", 1.0])
+    out = tmp_path / "out"
+    assert study_nfe.main([str(sweep), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    assert "| 0 | 0.5 | 30.0 | 35.0 | 41.0 | yes |" in md and "| 1 | 1 | 50.0 | 44.0 | 40.0 | no |" in md
+    assert "| 2 |" not in md and "1 of 2 trials get worse" in md
+    results = json.loads((out / "results.json").read_text())
+    assert results["rising"] == 1 and results["trials"] == 2 and results["seconds"] >= 0
+    assert study_nfe.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "has no trials.csv" in capsys.readouterr().err
