@@ -225,7 +225,7 @@ def test_study_nfe_lists_every_finished_trial_per_nfe_and_counts_the_rising_ones
     sweep = tmp_path / "decm-abc"
     sweep.mkdir()
     rows = [(0, "COMPLETE", {"1": 30.0, "2": 35.0, "4": 41.0}, "0.5"), (1, "COMPLETE", {"1": 50.0, "2": 44.0, "4": 40.0}, "1.0"),
-            (2, "FAIL", None, "0.2")]
+            (2, "FAIL", {"1": 9.0, "2": 9.0, "4": 9.0}, "0.2")]  # e.g. evaluated, then killed: not a result
     with open(sweep / "trials.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["number", "state", "value", "param:losses.n2n_loss.lam", "run_dir", "job_id", "wandb_id", "seconds"])
@@ -234,7 +234,7 @@ def test_study_nfe_lists_every_finished_trial_per_nfe_and_counts_the_rising_ones
             run.mkdir()
             if fid:
                 (run / "metrics.json").write_text(json.dumps({"student": {k: {"fid": v} for k, v in fid.items()}}))
-            w.writerow([n, state, sum(fid.values()) / 3 if fid else "", lam, str(run), "", "", 1.0])
+            w.writerow([n, state, sum(fid.values()) / 3 if state == "COMPLETE" else "", lam, str(run), "", "", 1.0])
     out = tmp_path / "out"
     assert study_nfe.main([str(sweep), "--out", str(out)]) == 0
     md = (out / "table.md").read_text()
