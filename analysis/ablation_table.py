@@ -226,11 +226,14 @@ def aggregate(results: dict, rows_order, seeds, specs, metric):
     return table
 
 
-def fmt(v) -> str:
+DECIMALS = {"sw2": 3, "fid": 1}  # printed decimals per metric (FID's seed spread is several units)
+
+
+def fmt(v, decimals: int = 3) -> str:
     if v is None:
         return "—"
     mean, std, n = v
-    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}" if n > 1 else f"{mean:.{decimals}f}"
 
 
 def relations(table) -> list[dict]:
@@ -276,7 +279,8 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
     with open(os.path.join(out, "table.csv"), "w") as f:
         f.write(",".join(["row"] + [f"{s}_{n}_{k}" for s, n in COLUMNS for k in ("mean", "std")]) + "\n")
         for row in rows_order:
-            md.append(f"| {LABELS.get(row, row)} | " + " | ".join(fmt(table[row][c]) for c in COLUMNS) + " |")
+            md.append(f"| {LABELS.get(row, row)} | " + " | ".join(fmt(table[row][c], DECIMALS.get(metric, 3))
+                                                             for c in COLUMNS) + " |")
             vals = []
             for c in COLUMNS:
                 v = table[row][c]
