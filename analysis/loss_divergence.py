@@ -6,7 +6,7 @@ and does the flow-matching boundary term calm it?
 
 Each configuration is a short distillation run (the benchmark's model, data, teacher and batch) with
 `distill/train.part_grad_every_steps = 1`, which logs per step the gradient norms of the CM loss's
-supervised part ‖F − v_φ‖² and self-supervised part ‖F − ṽ‖² (method.md eq. 8), their cosine, each
+supervised part ‖F − v_φ‖² and self-supervised part ‖F − ṽ‖² (docs/method.md, eq. 8), their cosine, each
 loss, the total gradient norm and every term's loss (decm.method.diagnostics). Configurations:
 CD only vs CD + FM boundary; one cluster at a time (consistency / instantaneous / N2N); time samplers;
 CM target plain (no tangent normalisation or clamp) vs FACM clamp vs sCM normalisation.
@@ -181,8 +181,9 @@ def main(argv=None) -> int:
     p.add_argument("--grad-factor", type=float, default=5.0, help="gradient event: norm > factor × running median")
     p.add_argument("--runs-root", default="runs/analysis/loss_divergence", help="where the configurations' runs live")
     p.add_argument("--out", default=None, help="output directory (default: a fresh runs/analysis/loss_divergence-"
-                                               "<benchmark>-<time>; the committed reference is "
-                                               "analysis/results/loss_divergence-toy2d, replaced only when given here)")
+                                               "<benchmark>-<time>; the committed results are "
+                                               "analysis/results/loss_divergence-toy2d-3seeds, replaced only when "
+                                               "given here)")
     args = p.parse_args(argv)
     sys.path.insert(0, os.getcwd())
     from decm.tracking import read_stats

@@ -1,4 +1,4 @@
-"""Core math checks against exact references (method.md, "Exact references")."""
+"""Core math checks against exact references (docs/method.md, "Exact references")."""
 
 import math
 
@@ -113,7 +113,7 @@ def test_n2n_loss_vanishes_on_exact_map(lam, gamma, tangent):
 
 
 def test_n2n_note_tangent_is_wrong_when_lambda_differs_from_gamma():
-    """method.md: with λ = 0.5, γ = 1 the note's tangent leaves a residual on the exact map."""
+    """docs/method.md: with λ = 0.5, γ = 1 the note's tangent leaves a residual on the exact map."""
     teacher, exact, _ = perturbed_pair()
     g = torch.Generator().manual_seed(6)
     r = torch.full((64,), 0.05)

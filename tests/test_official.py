@@ -1,7 +1,7 @@
 """Official checkpoint formats: SiT-XL/2 and LightningDiT-XL/1 key names and shapes, mapping, errors.
 
 The official key lists are written out here from the released architectures (willisma/SiT,
-hustvl/LightningDiT; shared/anchors.md), independently of our model code.
+hustvl/LightningDiT), independently of our model code.
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Training diagnostics: gradient norms of the CM objective's supervised and self-supervised parts.
 
-method.md, eq. 8: at F = F⁻ the CM gradient splits into ∇‖F − v_φ‖² (supervised: towards the
+docs/method.md, eq. 8: at F = F⁻ the CM gradient splits into ∇‖F − v_φ‖² (supervised: towards the
 teacher) + ∇‖F − ṽ‖² (self-supervised: towards the student's own JVP target ṽ = F⁻ + (1 − t)·dF⁻/dt).
 The paper attributes loss divergence to the self-supervised part. `part_grad_norms` measures both on
 the step's own batch and times (a second student forward; the gradients are local to this process).
