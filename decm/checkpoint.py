@@ -64,18 +64,32 @@ def candidates(directory: str) -> list[str]:
     return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)), reverse=True)
 
 
-def is_valid(path: str, load: bool = True) -> bool:
+def why_invalid(path: str, load: bool = True) -> str | None:
+    """Why `path` is not a valid checkpoint (one phrase for the user), or None when it is valid."""
     sentinel = path[:-3] + ".ok"
     try:
         with open(sentinel) as f:
             size = int(f.read().strip())
-        if os.path.getsize(path) != size:
-            return False
-        if load:
-            torch.load(path, map_location="cpu", weights_only=True)
-        return True
-    except Exception:
-        return False
+    except FileNotFoundError:
+        return f"no sentinel {os.path.basename(sentinel)} (the write did not finish)"
+    except (OSError, ValueError):
+        return f"unreadable sentinel {os.path.basename(sentinel)}"
+    try:
+        actual = os.path.getsize(path)
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})"
+    if actual != size:
+        return f"{actual} bytes where its sentinel records {size} (truncated or overwritten)"
+    if load:
+        try:  # memory-mapped: reads the archive's structure and pickle, not the tensors' bytes
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 — any failure to read means: not usable
+            return f"unreadable ({type(e).__name__})"
+    return None
+
+
+def is_valid(path: str, load: bool = True) -> bool:
+    return why_invalid(path, load) is None
 
 
 def step_of(path: str) -> int:
@@ -104,13 +118,14 @@ def latest_valid(directory: str, verbose: bool = True) -> tuple[str | None, dict
                 if verbose:
                     print(f"[decm] skipping unreadable sharded checkpoint {path}: {type(e).__name__}", file=sys.stderr)
                 continue
-        if not is_valid(path, load=False):
+        reason = why_invalid(path, load=False)
+        if reason:
             if verbose:
-                print(f"[decm] skipping invalid checkpoint {path} (missing sentinel or wrong size)", file=sys.stderr)
+                print(f"[decm] skipping checkpoint {path}: {reason}", file=sys.stderr)
             continue
         try:
             return path, torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated / corrupt file with a valid-looking sentinel
             if verbose:
-                print(f"[decm] skipping unreadable checkpoint {path}: {type(e).__name__}", file=sys.stderr)
+                print(f"[decm] skipping checkpoint {path}: unreadable ({type(e).__name__})", file=sys.stderr)
     return None, None

@@ -14,3 +14,16 @@ def parser(prog: str | None, doc: str | None) -> argparse.ArgumentParser:
     """An ArgumentParser whose description is the first paragraph of `doc` (never cut mid-sentence)."""
     first = (doc or "").strip().split("\n\n")[0]
     return argparse.ArgumentParser(prog=prog, description=" ".join(first.split()), formatter_class=_Formatter)
+
+
+def interrupted(prog: str, e: BaseException) -> int:
+    """Ctrl-C in a command: one line saying where the work stopped and how to go on; exit code 130.
+
+    `e` is a `decm.preemption.Interrupted` when the training loop stopped at a step boundary with a
+    checkpoint, else a plain KeyboardInterrupt (outside the loop: finished work is on disk)."""
+    import sys
+
+    step = getattr(e, "step", None)
+    where = f"interrupted at step {step}" if step is not None else "interrupted"
+    print(f"\n{prog}: {where}; rerun the same command to resume", file=sys.stderr, flush=True)
+    return 130

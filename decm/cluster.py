@@ -10,9 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 
 import gin
+
+from decm.job import ConfigError
 
 BACKENDS = ("local", "local-subprocess", "slurm")
 
@@ -160,3 +164,41 @@ def submit(run_spec, spec: ClusterSpec):
     from decm.job import Job
 
     return executor(spec, run_spec.run_dir).submit(Job(run_spec))
+
+
+class SchedulerError(ConfigError):
+    """Slurm is missing, does not answer, or refused the submission (one line for the user, exit 2)."""
+
+
+def _last_line(text) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def check_scheduler(timeout_s: float = 60.0) -> None:
+    """Raises SchedulerError unless `sbatch` exists and the Slurm controller answers `sinfo` (before the
+    launcher writes anything). An unreachable controller makes sinfo give up after ~10 s."""
+    hint = "run here with --backend local, or see the sbatch script with --dry-run"
+    if shutil.which("sbatch") is None:
+        raise SchedulerError(f"backend 'slurm' needs Slurm (sbatch not found on PATH on this machine); {hint}")
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=timeout_s)
+    except FileNotFoundError:
+        raise SchedulerError(f"backend 'slurm': sbatch exists but sinfo does not, so the controller cannot be "
+                             f"checked; {hint}") from None
+    except subprocess.TimeoutExpired:
+        raise SchedulerError(f"backend 'slurm': the Slurm controller did not answer sinfo within {timeout_s:.0f} s; "
+                             f"{hint}") from None
+    if out.returncode != 0:
+        why = _last_line(out.stderr) or _last_line(out.stdout) or f"exit code {out.returncode}"
+        conf = os.environ.get("SLURM_CONF")
+        raise SchedulerError(f"backend 'slurm': the Slurm controller does not answer (sinfo: {why}); nothing was "
+                             f"submitted or written. Check `sinfo` and SLURM_CONF ({conf or 'unset'}), or {hint}")
+
+
+def submission_error(e: BaseException) -> SchedulerError:
+    """A failed submission (sbatch refused it, submitit raised) as one line."""
+    why = _last_line(getattr(e, "stderr", None)) or _last_line(getattr(e, "output", None)) or _last_line(str(e))
+    return SchedulerError(f"submission failed: {type(e).__name__}: {why or 'no message'}")

@@ -101,8 +101,10 @@ def experiment(
                                            build_only=build_only, tracker=tracker)
             if build_only and "teacher" not in stages and teacher_ckpt and not os.path.exists(teacher_ckpt):
                 summary["distill"]["missing_inputs"].append(f"teacher not found: {teacher_ckpt} (set experiment.teacher_dir)")
-        if preemption.requested():
-            raise preemption.Preempted("preempted between stages")
+        if preemption.requested():  # asked for after the loop's last check: its final checkpoint is on disk
+            last = summary.get("distill") or summary.get("teacher") or {}
+            raise preemption.stop_error("between stages", last.get("step", 0),
+                                        os.path.join(last.get("run_dir", run_dir), "checkpoints"))
         if "evaluate" in stages and not build_only:  # every rank generates its share; rank 0 scores
             with gin.config_scope("distill"):
                 summary["evaluate"] = evaluate(run_dir, teacher_checkpoint=teacher_ckpt)

@@ -28,6 +28,52 @@ def default_run_dir(gin_files, bindings, root: str = "runs") -> str:
     return os.path.join(root, stem)
 
 
+def newest_step(run_dir: str) -> int | None:
+    """Step of the newest valid checkpoint in `<run_dir>/checkpoints` (the one training resumes from;
+    read memory-mapped, so cheap for large ones), or None when there is none."""
+    from decm import checkpoint, sharded_checkpoint
+
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    steps = [checkpoint.step_of(p) for p in checkpoint.candidates(ckpt_dir) if checkpoint.is_valid(p)]
+    steps += [sharded_checkpoint.step_of(p) for p in sharded_checkpoint.candidates(ckpt_dir)
+              if sharded_checkpoint.is_valid(p)]  # sentinel, listing and metadata (small files)
+    return max(steps) if steps else None
+
+
+def same_stem_runs(run_dir: str, gin_files) -> list[str]:
+    """Other run directories of the same last gin file under the same root (`<stem>`, `<stem>-<hash>`),
+    newest first: what a launch with changed bindings may have meant to continue."""
+    import re
+
+    root, stem = os.path.dirname(run_dir) or ".", os.path.splitext(os.path.basename(gin_files[-1]))[0]
+    pattern = re.compile(re.escape(stem) + r"(-[0-9a-f]{8})?$")
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    found = [os.path.join(root, n) for n in names if pattern.match(n) and os.path.join(root, n) != run_dir
+             and os.path.isfile(os.path.join(root, n, "config.gin"))]
+    return sorted(found, key=lambda d: os.path.getmtime(os.path.join(d, "config.gin")), reverse=True)
+
+
+def start_lines(run_dir: str, gin_files, default_dir: bool) -> list[str]:
+    """What a launch says before it runs: 'new run in DIR' or 'resuming DIR from step N'; for a new run
+    under the default name, how to continue an existing run of the same gin file instead."""
+    step = newest_step(run_dir)
+    if step is not None:
+        return [f"[decm] resuming {run_dir} from step {step}"]
+    lines = [f"[decm] new run in {run_dir}"]
+    others = same_stem_runs(run_dir, gin_files) if default_dir and gin_files else []
+    if others:
+        other = others[0]
+        at = newest_step(other)
+        more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+        lines.append(f"[decm] {other}{more} holds a run of the same gin file "
+                     f"({'at step ' + str(at) if at is not None else 'no checkpoint yet'}) with other bindings; "
+                     f"to continue it with these bindings instead, add --run-dir {other} --force")
+    return lines
+
+
 # The loop-level configurables users bind most (besides the registered components).
 CONFIGURABLES = ("experiment", "train", "evaluate", "wandb", "cluster")
 
@@ -145,7 +191,8 @@ def print_memory_estimate(summary: dict, world: int) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from decm import registry
-    from decm.cluster import cluster, folder_for, sbatch_script, submit, with_backend
+    from decm.cluster import (SchedulerError, check_scheduler, cluster, folder_for, sbatch_script, submission_error,
+                              submit, with_backend)
     from decm.distributed import env_ranks
     from decm.job import (USER_ERRORS, ConfigError, RunSpec, build, check_not_only_diffs, cli_error, parse, prepare, run,
                           wait_for_snapshot)
@@ -185,26 +232,46 @@ def main(argv=None) -> int:
                 world = resources.tasks
             print_memory_estimate(summary, world)
             return 0
-        if resources.backend == "slurm" and shutil.which("sbatch") is None:
+        if resources.backend == "slurm":
             build(run_dir, require_inputs=True)  # missing inputs first: they are the user's to fix either way
-            raise ConfigError("backend 'slurm' needs Slurm (sbatch not found on PATH on this machine); run here with "
-                              "--backend local, or see the sbatch script with --dry-run")
+            check_scheduler()  # before anything is written
         rank = (env_ranks() or (0, 1, 0))[0]
+        created = [p for p in (run_dir, folder_for(resources, run_dir)) if not os.path.exists(p)]
+        starting = []  # 'new run in DIR' / 'resuming DIR from step N' (rank 0)
         if rank == 0:
+            starting = start_lines(run_dir, spec.gin_files, default_dir=args.run_dir is None)
             prepare(spec)
         else:
             wait_for_snapshot(spec, config)
         if resources.backend == "local":
+            if starting:
+                print("\n".join(starting), file=sys.stderr, flush=True)
             summary = run(spec)
         else:
-            job = submit(spec, resources)
+            try:
+                job = submit(spec, resources)
+            except Exception as e:  # noqa: BLE001 — any submission failure: one line, and remove what this launch created
+                for path in created:
+                    shutil.rmtree(path, ignore_errors=True)
+                raise submission_error(e) from None
+            if starting:
+                print("\n".join(starting), file=sys.stderr, flush=True)
             print(f"submitted {resources.backend} job {job.job_id}; run directory {run_dir}; "
                   f"logs {folder_for(resources, run_dir)}/{job.job_id}/")
             if not args.wait:
                 return 0
-            summary = job.result()
-    except USER_ERRORS as e:
+            try:
+                summary = job.result()
+            except KeyboardInterrupt:  # only the waiting stops; the job goes on
+                print(f"\ndecm.launch: stopped waiting; {resources.backend} job {job.job_id} keeps running "
+                      f"(its log: {folder_for(resources, run_dir)}/{job.job_id}/)", file=sys.stderr)
+                return 130
+    except (*USER_ERRORS, SchedulerError) as e:
         return cli_error("decm.launch", e)
+    except KeyboardInterrupt as e:  # Ctrl-C: the loop saved a checkpoint at its step boundary
+        from decm.cli import interrupted
+
+        return interrupted("decm.launch", e)
     if rank == 0:
         print_summary(run_dir, summary)
     return 0

@@ -69,7 +69,8 @@ def train(
     decm.distributed): DDP wraps the model for the with-grad forward (or FSDP2 shards it, see
     decm.parallel), the JVP runs on the unwrapped module, rank 0 alone writes stats and single-file
     checkpoints (under FSDP every rank writes its shards, decm.sharded_checkpoint). A preemption request (SIGUSR2 under submitit)
-    is honoured at the next step boundary: a checkpoint of that step is written, then `Preempted`.
+    is honoured at the next step boundary: a checkpoint of that step is written, then `Preempted`;
+    Ctrl-C the same way, then `decm.preemption.Interrupted`.
 
     Args:
       run_dir: where checkpoints/, stats.jsonl and operative_config.gin go.
@@ -162,6 +163,7 @@ def train(
         train_state.save(ckpt_dir, step, mode, model, ema, objective, opt, totals, info, keep_last)
 
     def close():
+        preemption.stop_listening()
         bar.close()
         if stats_writer is not None:
             stats_writer.close()
@@ -172,11 +174,12 @@ def train(
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     bad_in_a_row, last_ckpt_time, last_stats, new_steps, done = 0, time.time(), {}, 0, start
     t0 = time.time()
+    preemption.listen()  # Ctrl-C from here on: checkpoint at the step boundary, then Interrupted (exit 130)
     for step in range(start, steps):
         if distributed.any_true(preemption.requested(), info):
             save(step)
             close()
-            raise preemption.Preempted(f"{stage}: preempted at step {step}; checkpoint written to {ckpt_dir}")
+            raise preemption.stop_error(stage, step, ckpt_dir)
         g = step_generator(seed, info.rank, step)
         if hasattr(dataset, "batch_at"):
             x1, y = dataset.batch_at(step, batch_size, info.rank, info.world_size)

@@ -88,10 +88,22 @@ def save(ckpt_dir: str, step: int, mode: str, model, ema, objective, opt, totals
     barrier(info)
 
 
-def newest(ckpt_dir: str, mode: str) -> tuple[str | None, str | None]:
-    """(path, 'dcp' or 'pt') of the newest valid checkpoint of either kind; at equal steps this mode's kind."""
-    dcp = sharded_checkpoint.latest_valid(ckpt_dir)
-    pt = next((p for p in checkpoint.candidates(ckpt_dir) if checkpoint.is_valid(p)), None)
+def newest_file(ckpt_dir: str, verbose: bool = True) -> str | None:
+    """The newest valid single-file checkpoint; each newer one that is skipped is reported with the reason."""
+    for path in checkpoint.candidates(ckpt_dir):
+        reason = checkpoint.why_invalid(path)
+        if reason is None:
+            return path
+        if verbose:
+            print(f"[decm] skipping checkpoint {path}: {reason}", file=sys.stderr, flush=True)
+    return None
+
+
+def newest(ckpt_dir: str, mode: str, verbose: bool = True) -> tuple[str | None, str | None]:
+    """(path, 'dcp' or 'pt') of the newest valid checkpoint of either kind; at equal steps this mode's kind.
+    With `verbose`, every newer checkpoint that is skipped is reported on stderr with the reason."""
+    dcp = sharded_checkpoint.latest_valid(ckpt_dir, verbose=verbose)
+    pt = newest_file(ckpt_dir, verbose)
     if dcp is None or pt is None:
         return (dcp, "dcp") if dcp else ((pt, "pt") if pt else (None, None))
     ds, ps = sharded_checkpoint.step_of(dcp), checkpoint.step_of(pt)
@@ -102,7 +114,7 @@ def newest(ckpt_dir: str, mode: str) -> tuple[str | None, str | None]:
 
 def load(ckpt_dir: str, mode: str, model, ema, objective, opt, info: DistInfo, stage: str = "") -> tuple[int, dict | None]:
     """Restores the newest valid checkpoint into the modules; returns (step, totals) or (0, None)."""
-    path, kind = newest(ckpt_dir, mode)
+    path, kind = newest(ckpt_dir, mode, verbose=info.main)
     if path is None:
         return 0, None
     names = param_names(model, objective)
