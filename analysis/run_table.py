@@ -1,4 +1,4 @@
-"""One run's evaluation as a committed result: its metrics and wall times, and the table the README shows.
+"""One run's evaluation as a committed result: its metrics and wall times, and the table docs/results/ shows.
 
     python analysis/run_table.py RUN_DIR [RUN_DIR ...] --out analysis/results/<name> [--metric fid]
 
@@ -6,7 +6,8 @@ Copies each run's `metrics.json` and `summary.json` (which hold the stage wall t
 `<out>/<run name>/` and writes `<out>/table.md`: one row per run × model (student: its first sampler,
 teacher: Euler), one column per NFE, the metric printed with `--digits` decimals, plus the elapsed
 seconds of every stage. With several runs (seeds) it adds a mean ± sample-sd row (ddof = 1).
-The README's result tables are these files' tables verbatim (tests/test_readme.py holds them equal).
+The result pages under docs/results/ show these files' tables verbatim (docs/build_results.py fills them,
+tests/test_readme.py holds them equal).
 """
 
 from __future__ import annotations
