@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from decm.method.teachers import GaussianMixtureTeacher
+from decm.data.mixture_flow import GaussianMixtureTeacher
 from decm.registry import register
 
 
@@ -33,26 +33,44 @@ class Dataset:
 
 @register("datasets", "gaussian_mixture_2d")
 class GaussianMixture2D(Dataset):
-    """Mixture of `modes` isotropic Gaussians on a circle of `radius` (std `std`); exact teacher available.
+    """Mixture of `modes` isotropic Gaussians on a circle of `radius`; exact teacher and density available.
+
+    Equal weights and one `std` by default (the 8-mode benchmark); `weights` and `stds` make the modes
+    uneven (gin/toy2d_uneven.gin). Samples, the exact velocity (`analytic_teacher`) and the exact
+    density (`analytic_teacher().log_density`) all come from the same weights and widths.
 
     Args:
-      modes: number of components (equal weights).
-      radius: radius of the circle of means.
-      std: component standard deviation.
+      modes: number of components.
+      radius: radius of the circle of means (data units).
+      std: component standard deviation (data units) when `stds` is not given.
       conditional: labels are the component index (CFG well defined with the analytic teacher).
+      weights: one mixture weight per mode (normalised to sum 1); None: equal weights.
+      stds: one standard deviation per mode (data units); None: `std` for every mode.
     """
 
-    def __init__(self, modes: int = 8, radius: float = 2.0, std: float = 0.1, conditional: bool = False):
+    def __init__(self, modes: int = 8, radius: float = 2.0, std: float = 0.1, conditional: bool = False,
+                 weights=None, stds=None):
+        if weights is not None and (len(weights) != modes or min(weights) <= 0):
+            raise ValueError(f"gaussian_mixture_2d.weights needs {modes} positive entries (one per mode), got {weights!r}")
+        if stds is not None and (len(stds) != modes or min(stds) <= 0):
+            raise ValueError(f"gaussian_mixture_2d.stds needs {modes} positive entries (one per mode), got {stds!r}")
         ang = torch.arange(modes, dtype=torch.float64) * 2 * math.pi / modes
         self.means = torch.stack([radius * ang.cos(), radius * ang.sin()], 1)
         self.std, self.modes = std, modes
+        self.stds = torch.full((modes,), float(std), dtype=torch.float64) if stds is None else \
+            torch.tensor([float(s) for s in stds], dtype=torch.float64)
+        w = None if weights is None else torch.tensor([float(v) for v in weights], dtype=torch.float64)
+        self.weights = None if w is None else w / w.sum()
         self.shape = (2,)
         self.num_classes = modes if conditional else 0
-        self._teacher = GaussianMixtureTeacher(self.means, std)
+        self._teacher = GaussianMixtureTeacher(self.means, self.stds, self.weights)
 
     def batch(self, n, generator=None):
-        y = torch.randint(0, self.modes, (n,), generator=generator)
-        x = self.means[y] + self.std * torch.randn((n, 2), generator=generator, dtype=torch.float64)
+        if self.weights is None:  # equal weights: the draw the 8-mode benchmark has always used
+            y = torch.randint(0, self.modes, (n,), generator=generator)
+        else:
+            y = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        x = self.means[y] + self.stds[y].unsqueeze(1) * torch.randn((n, 2), generator=generator, dtype=torch.float64)
         return x.float(), (y if self.num_classes else None)
 
     def analytic_teacher(self):

@@ -2,7 +2,8 @@
 
 Analytic teachers give the exact velocity (and, for a Gaussian, the exact flow map) of the linear
 path x_t = (1 − t)·z + t·x₁, z ~ N(0, I), so the method can be tested and studied without training
-a teacher. A network teacher wraps a trained backbone.
+a teacher. A network teacher wraps a trained backbone. The mixtures' exact velocity lives beside the
+data (decm.data.mixture_flow, re-exported here), so the datasets need nothing from the method.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from decm.data.mixture_flow import AnalyticTeacher, GaussianMixtureTeacher, ode_flow  # noqa: F401  (public names)
 from decm.method.shapes import bcast
 from decm.registry import register
 
@@ -19,15 +21,6 @@ from decm.registry import register
 def _gauss_scale(t, sigma2):
     """S_t = sqrt((1 − t)² + t²σ²): the per-dimension std of x_t for x₁ ~ N(μ, σ²I)."""
     return torch.sqrt((1 - t) ** 2 + t ** 2 * sigma2)
-
-
-class AnalyticTeacher(nn.Module):
-    """Base for closed-form teachers (no parameters; `num_classes` for CFG plumbing)."""
-
-    num_classes = 0
-
-    def forward(self, x, t, y=None):  # pragma: no cover - abstract
-        raise NotImplementedError
 
 
 @register("teachers", "gaussian")
@@ -66,78 +59,6 @@ class GaussianTeacher(AnalyticTeacher):
     def sample(self, n, generator=None, y=None):
         noise = torch.randn((n, *self.shape), generator=generator, dtype=torch.float64)
         return (self.mu + math.sqrt(self.sigma2) * noise).float()
-
-
-@register("teachers", "gaussian_mixture")
-class GaussianMixtureTeacher(AnalyticTeacher):
-    """x₁ ~ Σ_k w_k N(m_k, s_k²I): v = Σ_k π_k(x,t)·v_k(x,t), π_k ∝ w_k N(x; t·m_k, S_k,t² I).
-
-    v_k is the Gaussian velocity of component k. Labels select a component (class-conditional
-    teacher); the null label `num_classes` (or y = None) gives the mixture, so CFG is well defined.
-    The flow map has no closed form: `flow_map` solves the ODE with fine RK4.
-
-    Args:
-      means: K × D component means.
-      stds: K component standard deviations (or one scalar).
-      weights: K mixture weights (normalised; default uniform).
-    """
-
-    def __init__(self, means=((-1.0, -1.0), (1.0, 1.0)), stds=0.1, weights=None):
-        super().__init__()
-        m = torch.as_tensor(means, dtype=torch.float64)
-        k = m.shape[0]
-        s = torch.as_tensor(stds, dtype=torch.float64).expand(k).clone()
-        w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        self.register_buffer("means", m)
-        self.register_buffer("stds", s)
-        self.register_buffer("weights", w / w.sum())
-        self.num_classes = k
-        self.shape = (m.shape[1],)
-
-    def forward(self, x, t, y=None):
-        m, s2 = self.means.to(x.dtype), (self.stds ** 2).to(x.dtype)
-        tb = t.to(x.dtype).view(-1, 1, 1)                          # (B, 1, 1)
-        xb = x.unsqueeze(1)                                        # (B, 1, D)
-        var = (1 - tb) ** 2 + tb ** 2 * s2.view(1, -1, 1)          # (B, K, 1)
-        diff = xb - tb * m.unsqueeze(0)                             # (B, K, D)
-        v_k = m.unsqueeze(0) + ((tb * s2.view(1, -1, 1) - (1 - tb)) / var) * diff
-        d = x.shape[1]
-        logp = (-0.5 * (diff ** 2).sum(-1) / var.squeeze(-1) - 0.5 * d * torch.log(var.squeeze(-1))
-                + torch.log(self.weights.to(x.dtype)).unsqueeze(0))  # (B, K)
-        if y is not None:
-            onehot = torch.nn.functional.one_hot(y.clamp(max=self.num_classes - 1), self.num_classes).bool()
-            cond = (y < self.num_classes).unsqueeze(1)
-            logp = torch.where(cond & ~onehot, torch.full_like(logp, -torch.inf), logp)
-        post = torch.softmax(logp, dim=1).unsqueeze(-1)
-        return (post * v_k).sum(1)
-
-    def sample(self, n, generator=None, y=None):
-        if y is None:
-            y = torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)
-        noise = torch.randn((n, self.shape[0]), generator=generator, dtype=torch.float64)
-        return (self.means[y] + self.stds[y].unsqueeze(1) * noise).float()
-
-    def flow_map(self, x, t, s, y=None, steps: int = 200):
-        """f(x, t, s) by RK4 on the exact velocity with `steps` steps (float64)."""
-        return ode_flow(self, x, t, s, y, steps)
-
-
-def ode_flow(velocity, x, t, s, y=None, steps: int = 200):
-    """Integrates dx/dτ = velocity(x, τ, y) from τ = t to τ = s (per-sample times) with RK4."""
-    dtype = x.dtype
-    x = x.double()
-    t, s = t.double(), s.double()
-    h = (s - t) / steps
-    hb = bcast(h, x)
-    tau = t.clone()
-    for _ in range(steps):
-        k1 = velocity(x, tau, y)
-        k2 = velocity(x + 0.5 * hb * k1, tau + 0.5 * h, y)
-        k3 = velocity(x + 0.5 * hb * k2, tau + 0.5 * h, y)
-        k4 = velocity(x + hb * k3, tau + h, y)
-        x = x + hb * (k1 + 2 * k2 + 2 * k3 + k4) / 6
-        tau = tau + h
-    return x.to(dtype)
 
 
 class ExactFlowMap(nn.Module):
