@@ -10,14 +10,19 @@ Every row uses the benchmark's steps, batch and teacher (`--steps` overrides all
 k for `distill/train.seed` (the teacher is shared). Students are evaluated with the flow-map chain at
 NFE 1/2/4/50 and Euler on the instantaneous velocity F(x,t,t) at 50; the teacher with Euler.
 
-Writes `<out>/table.md`, `table.csv` (mean ± std over seeds), `results.json` (every run's rows),
-`relations.json` (the paper's relations (a)–(d), checked) and `plot.png`. Rows run in this process
-one after another (`--backend local`) or as separate jobs (`local-subprocess`, `slurm`; resources
-from `--cluster-gin`). Finished runs (a summary.json with an evaluation) are reused as they are;
-unfinished ones resume. A row's run
-directory is `<runs-root>/<benchmark>/<row>-seed<k>-<config hash>`, so a rerun with any changed setting
-(steps, bindings, an edited gin file) trains anew instead of presenting old results. Spreads are
-sample standard deviations (ddof = 1).
+Writes `<out>/table.md`, `table.csv` (mean ± std over seeds), `results.json` (every run's rows and the
+paired statistics), `relations.json` (the paper's relations (a)–(d), each with a verdict) and `plot.png`.
+Rows of one seed share the evaluation noise, reference draw and teacher, so they are compared as pairs:
+against `--reference` (default DE-CM) every row gets the per-seed difference's mean, 95% Student-t interval
+(and a bootstrap interval from 8 seeds on) and a verdict better / worse / not separated from that interval
+(decm.eval.paired); the relations are decided the same way. Rows run in this process one after another
+(`--backend local`) or as separate jobs (`local-subprocess`, `slurm`; resources from `--cluster-gin`),
+seed by seed (all rows of seed 0 first). Finished runs (a summary.json with an evaluation) are reused as
+they are; unfinished ones resume, so rerunning a command continues it; `--finished-only` writes the
+tables from what has finished without training. A row's run directory is
+`<runs-root>/<benchmark>/<row>-seed<k>-<config hash>`, so a rerun with any changed setting (steps,
+bindings, an edited gin file) trains anew instead of presenting old results. Spreads are sample standard
+deviations (ddof = 1). `--extended` also adds DE-CM with N2N's end time capped at 0.5 (n2n_tmax05).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 # 1,797 images themselves) cannot be drawn afresh for tuning, so tuning scores against one half of it and every
 # final evaluation against the other (evaluate.reference_part 'tune' / 'final'); a 2-D reference is drawn anew.
 BENCHMARKS = {"toy2d": ("gin/toy2d.gin", "sw2", False, False), "toy2d_cond": ("gin/toy2d_cond.gin", "sw2", True, False),
+              "toy2d_uneven": ("gin/toy2d_uneven.gin", "sw2", False, False),
               "toy2d_exact": ("gin/toy2d_exact_teacher.gin", "sw2", False, False),
               "digits": ("gin/quickstart.gin", "fid", True, True)}
 CLIP_ROWS = ("clip_off", "clip_on")  # η only changes the targets where CFG w > 1
@@ -43,12 +49,12 @@ CLIP_ROWS = ("clip_off", "clip_on")  # η only changes the targets where CFG w >
 TUNE_EVAL_SEED = 777
 TUNE_METRIC = "student.1.{m},student.2.{m},student.4.{m}"
 CORE = ["teacher", "fm_only", "cd_only", "fm_cd", "fm_n2n", "decm", "scm", "meanflow"]
-EXTENDED = ["lambda0", "lambda1", "r_decay_off", "clip_off", "clip_on", "n2n_every1", "n2n_every5"]
+EXTENDED = ["lambda0", "lambda1", "r_decay_off", "clip_off", "clip_on", "n2n_every1", "n2n_every5", "n2n_tmax05"]
 LABELS = {"teacher": "teacher (Euler)", "fm_only": "FM only", "cd_only": "CD only", "fm_cd": "FM + CD (≈FACM)",
           "fm_n2n": "FM + N2N", "decm": "DE-CM (full)", "scm": "sCM", "meanflow": "MeanFlow",
           "lambda0": "DE-CM λ=0", "lambda1": "DE-CM λ=1", "r_decay_off": "DE-CM no r-decay",
           "clip_off": "DE-CM clip off", "clip_on": "DE-CM clip on (η=1)", "n2n_every1": "DE-CM N2N every 1",
-          "n2n_every5": "DE-CM N2N every 5"}
+          "n2n_every5": "DE-CM N2N every 5", "n2n_tmax05": "DE-CM N2N t_max=0.5"}
 # (sampler, NFE) columns of the table; the teacher's are Euler at the same NFEs.
 COLUMNS = [("chain", 1), ("chain", 2), ("chain", 4), ("chain", 50), ("euler_instant", 50)]
 TEACHER_COLUMNS = {("chain", 1): 1, ("chain", 2): 2, ("chain", 4): 4, ("chain", 50): 50}
@@ -161,14 +167,17 @@ def finished(run_dir: str) -> bool:
         return "evaluate" in json.load(f)
 
 
-def run_all(specs, backend: str, cluster_gin: str | None):
-    """Runs every spec (in order locally, or as parallel jobs) and returns {run_dir: metrics dict}."""
+def run_all(specs, backend: str, cluster_gin: str | None, finished_only: bool = False):
+    """Runs every spec (in order locally, or as parallel jobs) and returns {run_dir: metrics dict}; with
+    `finished_only`, trains nothing and returns the finished runs only."""
     from decm.job import parse, prepare, run
 
     done = [s for s in specs if finished(s.run_dir)]
     for spec in done:
         print(f"[ablation] reusing the finished run {spec.run_dir}", file=sys.stderr, flush=True)
     specs_all, specs = specs, [s for s in specs if s not in done]
+    if finished_only:
+        specs_all, specs = done, []
     for spec in specs:  # validate everything and write the snapshots before running anything
         prepare(spec)
     if backend == "local":
@@ -209,24 +218,45 @@ def cell(rows, row: str, sampler: str, nfe: int, metric: str):
     return None
 
 
-def aggregate(results: dict, rows_order, seeds, specs, metric):
-    """{row: {(sampler, nfe): (mean, sd, n)}}, sd the sample standard deviation (ddof = 1; 0 for one seed)."""
-    table = {}
+def per_seed(results: dict, rows_order, seeds, specs, metric):
+    """{row: {(sampler, nfe): {seed: value}}} over the seeds whose run finished (missing seeds left out)."""
+    out = {}
     for row in rows_order:
-        table[row] = {}
+        out[row] = {}
         for col in COLUMNS:
-            vals = []
+            vals = {}
             for seed in seeds:
                 m = results.get(run_dir_of(specs, row, seed))
                 v = cell(m["rows"], row, col[0], col[1], metric) if m else None
                 if v is not None:
-                    vals.append(v)
+                    vals[seed] = v
+            out[row][col] = vals
+    return out
+
+
+def aggregate(values: dict):
+    """{row: {(sampler, nfe): (mean, sd, n)}} from per_seed's values, sd the sample standard deviation (ddof = 1;
+    0 for one seed)."""
+    table = {}
+    for row, cols in values.items():
+        table[row] = {}
+        for col, by_seed in cols.items():
+            vals = list(by_seed.values())
             sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
             table[row][col] = (float(np.mean(vals)), sd, len(vals)) if vals else None
     return table
 
 
-DECIMALS = {"sw2": 3, "fid": 1}  # printed decimals per metric (FID's seed spread is several units)
+def paired_table(values: dict, reference: str):
+    """{row: {(sampler, nfe): paired statistics of row − reference}} for every row but the reference and the
+    teacher (whose columns are another sampler), pairs matched by seed (decm.eval.paired)."""
+    from decm.eval.paired import paired_difference
+
+    return {row: {col: paired_difference(values[row][col], values[reference][col]) for col in COLUMNS}
+            for row in values if row not in (reference, "teacher")}
+
+
+DECIMALS = {"sw2": 3, "energy": 4, "fid": 1}  # printed decimals per metric (FID's seed spread is several units)
 
 
 def fmt(v, decimals: int = 3) -> str:
@@ -236,46 +266,87 @@ def fmt(v, decimals: int = 3) -> str:
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}" if n > 1 else f"{mean:.{decimals}f}"
 
 
-def relations(table) -> list[dict]:
-    """The paper's relations, checked on the means (lower is better)."""
-    def get(row, col):
-        v = table.get(row, {}).get(col)
-        return None if v is None else v[0]
+def relations(values: dict) -> list[dict]:
+    """The paper's relations (lower is better), each decided by paired per-seed differences.
+
+    `values`: {row: {(sampler, nfe): {seed: value}}} (per_seed). Each relation's `verdict` comes from the 95%
+    t interval of the paired difference (decm.eval.paired): 'holds' when the interval lies on the relation's
+    side of zero, 'does not hold' when on the other side, 'not separated' when it contains zero, 'too few
+    seeds' below two pairs, 'n/a' when a row is missing. `holds` is True / False / None accordingly;
+    `means` records what the means alone say (the old check) so the two can be compared.
+    """
+    from decm.eval.paired import format_difference, paired_difference
+
+    def vals(row, col):
+        return values.get(row, {}).get(col) or {}
+
+    def mean(row, col):
+        v = vals(row, col)
+        return float(np.mean(list(v.values()))) if v else None
 
     def f4(v):
         return "—" if v is None else f"{v:.4f}"
 
     out = []
 
-    def check(name, ok, detail):
-        out.append({"relation": name, "holds": None if ok is None else bool(ok), "detail": detail})
+    def check(name, worse, better, detail):
+        """The relation says `worse` − `better` > 0 (per seed, paired), e.g. CD only worse than FM + CD."""
+        a, b = vals(*worse), vals(*better)
+        if not a or not b:
+            out.append({"relation": name, "verdict": "n/a", "holds": None, "means": None, "detail": detail})
+            return
+        st = paired_difference(a, b)
+        verdict = {"worse": "holds", "better": "does not hold"}.get(st["verdict"], st["verdict"])
+        out.append({"relation": name, "verdict": verdict,
+                    "holds": {"holds": True, "does not hold": False}.get(verdict),
+                    "means": bool(st["mean"] > 0), "paired": st,
+                    "detail": f"{detail}; paired difference {format_difference(st, 4)} (n = {st['n']})"})
 
     e50, c4, c2, c1 = ("euler_instant", 50), ("chain", 4), ("chain", 2), ("chain", 1)
-    a, b = get("cd_only", e50), get("fm_cd", e50)
-    check("(a) CD only worse than FM + CD at 50 NFE (Euler on F(x,t,t))", None if None in (a, b) else a > b,
-          f"CD only {f4(a)}, FM + CD {f4(b)}")
-    a, b = get("fm_cd", c4), get("fm_cd", c2)
-    check("(b) FM + CD: 4 NFE worse than 2 NFE (chain)", None if None in (a, b) else a > b,
-          f"4 NFE {f4(a)}, 2 NFE {f4(b)}")
+    check("(a) CD only worse than FM + CD at 50 NFE (Euler on F(x,t,t))", ("cd_only", e50), ("fm_cd", e50),
+          f"CD only {f4(mean('cd_only', e50))}, FM + CD {f4(mean('fm_cd', e50))}")
+    check("(b) FM + CD: 4 NFE worse than 2 NFE (chain)", ("fm_cd", c4), ("fm_cd", c2),
+          f"4 NFE {f4(mean('fm_cd', c4))}, 2 NFE {f4(mean('fm_cd', c2))}")
     for col, label in ((c4, "4 NFE chain"), (e50, "50 NFE Euler"), (("chain", 50), "50 NFE chain")):
-        vals = {r: get(r, col) for r in DISTILLED if get(r, col) is not None}
-        if "decm" in vals:
-            best = min(vals.values())
-            std = table["decm"][col][1]
-            ok = vals["decm"] <= best * 1.05 or vals["decm"] - best <= std
-            check(f"(c) DE-CM best or tied (≤ 5% or 1 std) at {label}", ok,
-                  "; ".join(f"{LABELS[r]} {v:.4f}" for r, v in sorted(vals.items(), key=lambda p: p[1])))
-    d, s, m = get("decm", c1), get("scm", c1), get("meanflow", c1)
-    check("(d) DE-CM ≤ sCM and ≤ MeanFlow at 1 NFE", None if None in (d, s, m) else (d <= s and d <= m),
-          f"DE-CM {f4(d)}, sCM {f4(s)}, MeanFlow {f4(m)}")
+        others = [r for r in DISTILLED if r != "decm" and vals(r, col)]
+        name = f"(c) DE-CM best or tied (no row separated better) at {label}"
+        if not vals("decm", col) or not others:
+            out.append({"relation": name, "verdict": "n/a", "holds": None, "means": None, "detail": "rows missing"})
+            continue
+        stats = {r: paired_difference(vals(r, col), vals("decm", col)) for r in others}  # other − DE-CM
+        better = [r for r, st in stats.items() if st["verdict"] == "better"]
+        few = [r for r, st in stats.items() if st["verdict"] == "too few seeds"]
+        verdict = "does not hold" if better else ("too few seeds" if few else "holds")
+        best = min(mean(r, col) for r in others + ["decm"])
+        out.append({"relation": name, "verdict": verdict, "holds": {"holds": True, "does not hold": False}.get(verdict),
+                    "means": mean("decm", col) <= best * 1.05, "paired": {r: st for r, st in stats.items()},
+                    "detail": "; ".join(f"{LABELS[r]} − DE-CM {format_difference(st, 4)}" for r, st in stats.items())})
+    name = "(d) DE-CM ≤ sCM and ≤ MeanFlow at 1 NFE"
+    if not (vals("decm", c1) and vals("scm", c1) and vals("meanflow", c1)):
+        out.append({"relation": name, "verdict": "n/a", "holds": None, "means": None,
+                    "detail": f"DE-CM {f4(mean('decm', c1))}, sCM {f4(mean('scm', c1))}, MeanFlow {f4(mean('meanflow', c1))}"})
+    else:
+        stats = {r: paired_difference(vals(r, c1), vals("decm", c1)) for r in ("scm", "meanflow")}
+        v = [st["verdict"] for st in stats.values()]
+        verdict = ("does not hold" if "better" in v else "holds" if all(x == "worse" for x in v)
+                   else "too few seeds" if "too few seeds" in v else "not separated")
+        out.append({"relation": name, "verdict": verdict, "holds": {"holds": True, "does not hold": False}.get(verdict),
+                    "means": mean("decm", c1) <= min(mean("scm", c1), mean("meanflow", c1)), "paired": stats,
+                    "detail": "; ".join(f"{LABELS[r]} − DE-CM {format_difference(st, 4)}" for r, st in stats.items())})
     return out
 
 
-def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_order, tuned=None, seconds=None):
+def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_order, tuned=None, seconds=None,
+                  paired=None, reference="decm", missing=()):
+    from decm.eval.paired import BOOTSTRAP_MIN_SEEDS, format_difference
+
     os.makedirs(out, exist_ok=True)
     head = ["row"] + [f"{'chain' if s == 'chain' else 'Euler F(x,t,t)'} {n}" for s, n in COLUMNS]
-    md = [f"# Ablation table — {benchmark}, {metric} (lower is better), seeds {list(seeds)}", "",
-          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md = [f"# Ablation table — {benchmark}, {metric} (lower is better), seeds {list(seeds)}", ""]
+    if missing:
+        md += [f"Partial: {len(missing)} of the runs have not finished ({', '.join(sorted(missing))}); every mean and "
+               "paired difference below uses the seeds that have.", ""]
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     with open(os.path.join(out, "table.csv"), "w") as f:
         f.write(",".join(["row"] + [f"{s}_{n}_{k}" for s, n in COLUMNS for k in ("mean", "std")]) + "\n")
         for row in rows_order:
@@ -288,6 +359,19 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
             f.write(",".join([row] + vals) + "\n")
     md += ["", "Teacher columns: Euler on the teacher velocity at the same NFE. Mean ± sample sd (ddof = 1) "
            "over training seeds.", ""]
+    if paired:
+        md += [f"## Paired differences vs {LABELS.get(reference, reference)}", "",
+               f"Per seed, row − {LABELS.get(reference, reference)} (same seed: same evaluation noise, reference draw "
+               "and teacher), then the mean and its 95% Student-t interval [low, high]"
+               f"{f' and, with ≥ {BOOTSTRAP_MIN_SEEDS} seeds, a percentile bootstrap interval {{low, high}}'}. "
+               "Verdict from the t interval: **better** (wholly below 0: lower metric), **worse** (wholly above 0), "
+               "**not separated** (contains 0).", "",
+               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rows_order:
+            if row in paired:
+                md.append(f"| {LABELS.get(row, row)} | " + " | ".join(
+                    format_difference(paired[row][c], DECIMALS.get(metric, 3) + 1) for c in COLUMNS) + " |")
+        md.append("")
     if tuned:
         any_row = next(iter(tuned.values()))
         md += ["## Tuned values", "",
@@ -306,17 +390,21 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
         md += [f"Training time summed over the runs' stages: {train_s:.0f} s (each run's own clock, shared CPUs "
                f"included)" + (f", plus {tune_s:.0f} s of tuning trials" if tuned else "") +
                f"; this command's wall time: {seconds:.0f} s (finished runs are reused).", ""]
-    md += ["## Relations", ""]
+    md += ["## Relations", "", "Each verdict from the 95% t interval of the paired per-seed difference (not separated: "
+           "the interval contains 0).", ""]
     for r in rels:
-        mark = "n/a" if r["holds"] is None else ("holds" if r["holds"] else "does NOT hold")
-        md.append(f"- {r['relation']}: **{mark}** — {r['detail']}")
+        md.append(f"- {r['relation']}: **{r['verdict']}** — {r['detail']}")
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(out, "relations.json"), "w") as f:
         json.dump(rels, f, indent=2)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"runs": results, "tuned": tuned or {}, "seconds": seconds, "seeds": list(seeds),
-                   "table": {row: {f"{s}_{n}": v for (s, n), v in cols.items()} for row, cols in table.items()}},
+        json.dump({"runs": results, "tuned": tuned or {}, "seconds": seconds, "seeds": list(seeds), "metric": metric,
+                   "missing": sorted(missing),
+                   "table": {row: {f"{s}_{n}": v for (s, n), v in cols.items()} for row, cols in table.items()},
+                   "paired": {"reference": reference,
+                              "rows": {row: {f"{s}_{n}": st for (s, n), st in cols.items()}
+                                       for row, cols in (paired or {}).items()}}},
                   f, indent=2)
     import matplotlib
 
@@ -340,7 +428,7 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
     if spans_decades(ys):
         ax.set_yscale("log")
     ax.set_xlabel("NFE (students: flow-map chain; teacher: Euler steps)")
-    ax.set_ylabel(metric_label(metric) + f", mean of {len(seeds)} seed(s)")
+    ax.set_ylabel(metric_label(metric) + f", mean over up to {len(seeds)} seed(s)")
     ax.legend(fontsize=8, ncol=2)
     save(fig, os.path.join(out, "plot.png"), dpi=110)
     return "\n".join(md)
@@ -352,7 +440,7 @@ def main(argv=None) -> int:
     p = cli.parser("python analysis/ablation_table.py", __doc__)
     p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="toy2d",
                    help="toy2d: 2-D mixture, paper protocol; toy2d_cond: with CFG; toy2d_exact: analytic teacher; "
-                        "digits: the quickstart")
+                        "toy2d_uneven: 6 modes, unequal weights and widths, paper protocol; digits: the quickstart")
     p.add_argument("--seeds", type=int, default=1, help="seeds per row (distill/train.seed = 0 … N−1)")
     p.add_argument("--rows", nargs="+", default=None, help=f"subset of rows (default: {' '.join(CORE)})")
     p.add_argument("--extended", action="store_true", help="add the λ / r-decay / clipping / N2N-period rows")
@@ -367,6 +455,13 @@ def main(argv=None) -> int:
     p.add_argument("--cluster-gin", default=None, help="gin file with cluster.* resources for submitted rows")
     p.add_argument("--bind", action="append", default=[], help="extra gin binding for every row (repeatable)")
     p.add_argument("--runs-root", default="runs/ablations", help="where the row runs live")
+    p.add_argument("--reference", default=None,
+                   help="row the paired differences are taken against (default: decm when it is among the rows)")
+    p.add_argument("--metric", default=None, choices=sorted(DECIMALS),
+                   help="metric of the table (default: the benchmark's; 2-D runs also record 'energy')")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: write the tables from the runs that have finished (a partial table while a "
+                        "command trains the rest)")
     p.add_argument("--out", default=None, help="output directory (default: a fresh runs/analysis/ablation-<benchmark>-"
                                                "<time>; committed references under analysis/results/ are replaced "
                                                "only when given here)")
@@ -381,6 +476,14 @@ def main(argv=None) -> int:
     if bad or args.seeds < 1:
         print(f"ablation_table: error: unknown rows {bad} or --seeds < 1 (rows: {' '.join(CORE + EXTENDED)})",
               file=sys.stderr)
+        return 2
+    reference = args.reference or ("decm" if "decm" in rows else None)
+    if args.reference is not None and (args.reference not in rows or args.reference == "teacher"):
+        print(f"ablation_table: error: --reference {args.reference} must be one of the distilled rows {rows}",
+              file=sys.stderr)
+        return 2
+    if args.finished_only and args.tune:
+        print("ablation_table: error: --finished-only trains nothing; it cannot be combined with --tune", file=sys.stderr)
         return 2
     clip = [r for r in rows if r in CLIP_ROWS]
     if clip and not BENCHMARKS[args.benchmark][2]:
@@ -407,16 +510,22 @@ def main(argv=None) -> int:
 
         extra = {r: tuple(args.bind) + tuple(f"{k} = {literal(v)}" for k, v in tuned.get(r, {}).get("params", {}).items())
                  for r in rows}
-        specs = [row_spec(args.benchmark, r, s, args.steps, args.runs_root, extra[r]) for r in rows for s in seeds]
-        results = run_all(specs, args.backend, args.cluster_gin)
+        # seed-major: every row of seed k trains before any row of seed k + 1, so an interrupted command leaves
+        # complete pairs (the rows of one seed) for the paired statistics
+        specs = [row_spec(args.benchmark, r, s, args.steps, args.runs_root, extra[r]) for s in seeds for r in rows]
+        results = run_all(specs, args.backend, args.cluster_gin, args.finished_only)
     except (ConfigError, SweepError, FileNotFoundError, ValueError, RunLocked) as e:  # RunLocked: another command trains that row
         print(f"ablation_table: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    metric = BENCHMARKS[args.benchmark][1]
-    table = aggregate(results, rows, seeds, specs, metric)
-    rels = relations(table)
+    metric = args.metric or BENCHMARKS[args.benchmark][1]
+    values = per_seed(results, rows, seeds, specs, metric)
+    table = aggregate(values)
+    paired = paired_table(values, reference) if reference else None
+    rels = relations(values)
+    missing = [os.path.basename(s.run_dir).rsplit("-", 1)[0] for s in specs if s.run_dir not in results]
     out = args.out or os.path.join("runs", "analysis", time.strftime(f"ablation-{args.benchmark}-%Y%m%d-%H%M%S"))
-    print(write_outputs(table, rels, results, out, args.benchmark, metric, seeds, rows, tuned, time.time() - t0))
+    print(write_outputs(table, rels, results, out, args.benchmark, metric, seeds, rows, tuned, time.time() - t0,
+                        paired, reference, missing))
     print(f"\n→ {out}/table.md, table.csv, relations.json, results.json, plot.png")
     return 0
 

@@ -82,6 +82,7 @@ EXPECTED_DIFF = {
     "r_decay_off": {"n2n.selector.decay_steps"},
     "n2n_every1": {"n2n.term"},
     "n2n_every5": {"n2n.term"},
+    "n2n_tmax05": {"n2n.selector.t_max"},
     "teacher": {"train.steps", "evaluate.student_nfe"},
     "clip_on": {"guidance"},
     "clip_off": set(),  # = the default η (not recovered): the pair is clip_on (see the row's header)
@@ -106,6 +107,8 @@ def test_every_row_changes_exactly_the_objective_it_names(row):
     assert set(changed) == EXPECTED_DIFF[row], changed
     if row in ("lambda0", "lambda1"):
         assert mine["n2n.loss"]["lam"] == {"lambda0": 0.0, "lambda1": 1.0}[row]
+    if row == "n2n_tmax05":
+        assert mine["n2n.selector"]["t_max"] == 0.5
     if row.startswith("n2n_every"):
         assert mine["n2n.term"][3] == int(row[len("n2n_every"):])
     if row == "clip_on":
@@ -136,22 +139,52 @@ def test_clip_rows_give_different_targets_on_the_conditional_benchmark():
     assert ablation.main(["--benchmark", "toy2d", "--rows", "clip_on"]) == 2  # no CFG there: refused
 
 
-def synthetic(values):
-    return {row: {col: (v, 0.0, 1) for col, v in zip(ablation.COLUMNS, vals)} for row, vals in values.items()}
+SEED_NOISE = (0.0, 0.3, -0.2)  # a seed effect shared by every row of that seed (cancels in the paired differences)
 
 
-def test_relations_logic_on_a_synthetic_table():
-    # columns: chain 1, 2, 4, 50, Euler 50
-    table = synthetic({"cd_only": [1, 1, 1, 5, 5], "fm_cd": [1, 1, 2, 1, 1], "decm": [0.5, 0.5, 0.5, 0.5, 0.5],
-                       "scm": [2, 1, 1, 1, 1], "meanflow": [3, 1, 1, 1, 1], "fm_only": [9, 9, 9, 1, 1],
-                       "fm_n2n": [9, 9, 9, 1, 1]})
-    rel = {r["relation"][:3]: r["holds"] for r in ablation.relations(table)}
-    assert rel == {"(a)": True, "(b)": True, "(c)": True, "(d)": True}
-    table["decm"][("chain", 4)] = (3.0, 0.0, 1)
-    table["scm"][("chain", 1)] = (0.1, 0.0, 1)
-    rels = ablation.relations(table)
-    assert [r["holds"] for r in rels if r["relation"].startswith("(c)")][0] is False
+def synthetic(values, gaps=None):
+    """Per-seed values {row: {col: {seed: v}}}: the row's value plus the seed's shared effect, plus `gaps`
+    {(row, col index): (per-seed offsets)} where a row's own per-seed scatter is wanted."""
+    gaps = gaps or {}
+    return {row: {col: {k: v + SEED_NOISE[k] + gaps.get((row, i), (0.0,) * 3)[k] for k in range(3)}
+                  for i, (col, v) in enumerate(zip(ablation.COLUMNS, vals))} for row, vals in values.items()}
+
+
+VALUES = {"cd_only": [1, 1, 1, 5, 5], "fm_cd": [1, 1, 2, 1, 1], "decm": [0.5, 0.5, 0.5, 0.5, 0.5],
+          "scm": [2, 1, 1, 1, 1], "meanflow": [3, 1, 1, 1, 1], "fm_only": [9, 9, 9, 1, 1], "fm_n2n": [9, 9, 9, 1, 1]}
+
+
+def test_relations_are_decided_by_paired_intervals_over_seeds():
+    # columns: chain 1, 2, 4, 50, Euler 50; each row offset by the same seed effects (paired gaps are exact)
+    scatter = (0.01, -0.02, 0.012)  # a little per-seed scatter so the t intervals have width
+    values = synthetic(VALUES, {("decm", i): scatter for i in range(5)})
+    rels = {r["relation"][:3]: r for r in ablation.relations(values)}
+    assert {k: r["verdict"] for k, r in rels.items()} == {"(a)": "holds", "(b)": "holds", "(c)": "holds", "(d)": "holds"}
+    assert rels["(a)"]["paired"]["n"] == 3 and rels["(a)"]["paired"]["low"] > 0
+    # DE-CM's 4-NFE value now worse than FM + CD's by a margin the seed scatter cannot hide → (c) does not hold;
+    # sCM better at 1 NFE → (d) does not hold
+    values = synthetic(dict(VALUES, decm=[0.5, 0.5, 3.0, 0.5, 0.5], scm=[0.1, 1, 1, 1, 1]),
+                       {("decm", i): scatter for i in range(5)})
+    rels = ablation.relations(values)
+    assert [r["verdict"] for r in rels if r["relation"].startswith("(c)")][0] == "does not hold"
     assert [r["holds"] for r in rels if r["relation"].startswith("(d)")][0] is False
+    # a gap smaller than the per-seed scatter: not separated, although the means alone say "holds"
+    values = synthetic(dict(VALUES, scm=[0.52, 1, 1, 1, 1], meanflow=[0.52, 1, 1, 1, 1]),
+                       {("decm", 0): (0.1, -0.1, 0.05)})
+    d = [r for r in ablation.relations(values) if r["relation"].startswith("(d)")][0]
+    assert d["verdict"] == "not separated" and d["holds"] is None and d["means"] is True
+    # one seed: no interval, no verdict
+    one = {row: {col: {0: v[0]} for col, v in cols.items()} for row, cols in values.items()}
+    assert [r["verdict"] for r in ablation.relations(one) if r["relation"].startswith("(a)")][0] == "too few seeds"
+
+
+def test_paired_table_against_the_reference_row():
+    values = synthetic({"decm": [0.5] * 5, "fm_cd": [0.6] * 5, "teacher": [1.0] * 5},
+                       {("fm_cd", 0): (0.01, -0.01, 0.0)})
+    paired = ablation.paired_table(values, "decm")
+    assert set(paired) == {"fm_cd"}  # neither the reference nor the teacher (another sampler) is compared
+    st = paired["fm_cd"][("chain", 1)]
+    assert st["n"] == 3 and abs(st["mean"] - 0.1) < 1e-12 and st["verdict"] == "worse"
 
 
 def test_table_script_runs_rows_and_writes_every_output(tmp_path):
@@ -169,7 +202,26 @@ def test_table_script_runs_rows_and_writes_every_output(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]) == 6  # 3 rows × 2 seeds
     assert (out / "plot.png").stat().st_size > 0
+    assert "## Paired differences vs DE-CM (full)" in md and "| FM + CD (≈FACM) | " in md.split("## Paired")[1]
+    st = results["paired"]["rows"]["fm_cd"]["chain_1"]
+    assert results["paired"]["reference"] == "decm" and st["n"] == 2 and st["low"] <= st["mean"] <= st["high"]
+    assert st["verdict"] in ("better", "worse", "not separated")
+    assert "teacher" not in results["paired"]["rows"]
+    rels = json.loads((out / "relations.json").read_text())
+    assert all(r["verdict"] in ("holds", "does not hold", "not separated", "too few seeds", "n/a") for r in rels)
+    # --finished-only with one more seed trains nothing and says which runs are missing; FM + CD as the reference
+    partial = tmp_path / "partial"
+    again = list(argv)
+    again[again.index("--seeds") + 1], again[again.index("--out") + 1] = "3", str(partial)
+    assert ablation.main(again + ["--finished-only", "--reference", "fm_cd", "--metric", "energy"]) == 0
+    pmd = (partial / "table.md").read_text()
+    assert "Partial: 3 of the runs have not finished" in pmd and "energy" in pmd.splitlines()[0]
+    assert sorted(glob.glob(str(tmp_path / "runs" / "toy2d" / "*seed2*"))) == []  # nothing trained for seed 2
+    presults = json.loads((partial / "results.json").read_text())
+    assert len(presults["runs"]) == 6 and set(presults["paired"]["rows"]) == {"decm"}
+    assert presults["paired"]["rows"]["decm"]["chain_1"]["n"] == 2
     assert ablation.main(["--rows", "nope"]) == 2
+    assert ablation.main(["--rows", "fm_cd", "--reference", "decm"]) == 2  # the reference must be one of the rows
 
 
 def test_tuning_gives_every_row_the_same_budget_resumes_and_reports_the_chosen_values(tmp_path):

@@ -244,3 +244,104 @@ def test_study_nfe_lists_every_finished_trial_per_nfe_and_counts_the_rising_ones
     assert results["rising"] == 1 and results["trials"] == 2 and results["seconds"] >= 0
     assert study_nfe.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "has no trials.csv" in capsys.readouterr().err
+
+
+# --- paired statistics over training seeds (decm.eval.paired) -------------------------------------------------
+
+def test_paired_t_interval_matches_the_hand_computed_value_and_excludes_zero():
+    """d = [0.09, 0.11, 0.10, 0.12, 0.08]: mean 0.1, sd √(0.001/4) = 0.0158114, t_{0.975,4} = 2.7764451,
+    half-width 2.7764451·0.0158114/√5 = 0.0196324 → [0.0803676, 0.1196324], wholly above 0: 'worse'."""
+    from decm.eval.paired import paired_difference
+
+    ref = [1.0, 2.0, 3.0, 4.0, 5.0]
+    row = [r + d for r, d in zip(ref, [0.09, 0.11, 0.10, 0.12, 0.08])]
+    st = paired_difference(row, ref)
+    assert st["n"] == 5 and math.isclose(st["mean"], 0.1, abs_tol=1e-12)
+    assert math.isclose(st["low"], 0.0803676, abs_tol=1e-6) and math.isclose(st["high"], 0.1196324, abs_tol=1e-6)
+    assert st["verdict"] == "worse" and st["boot_low"] is None  # 5 seeds: no bootstrap
+    assert paired_difference(ref, row)["verdict"] == "better"      # the same pairs the other way round
+    assert paired_difference(row, ref, lower_is_better=False)["verdict"] == "better"
+
+
+def test_paired_interval_includes_zero_when_the_differences_straddle_it():
+    from decm.eval.paired import paired_difference
+
+    ref = [0.5, 0.7, 0.2, 0.9, 0.4]
+    row = [r + d for r, d in zip(ref, [0.10, -0.10, 0.05, -0.05, 0.02])]
+    st = paired_difference(row, ref)
+    assert st["low"] < 0 < st["high"] and st["verdict"] == "not separated"
+    one = paired_difference([1.0], [0.5])
+    assert one["verdict"] == "too few seeds" and one["low"] is None and one["mean"] == 0.5
+
+
+def test_an_unpaired_shuffle_widens_the_interval_and_the_bootstrap_appears_from_eight_seeds():
+    """The seed moves both rows alike (seed effects 0.1 … 0.8 ≫ the 0.02 gap): paired, the gap is separated;
+    with the row's seeds shuffled against the reference's the seed effect no longer cancels and the
+    interval widens past 0."""
+    from decm.eval.paired import paired_difference
+
+    seed_effect = [0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4, 0.6]
+    ref = [1.0 + s for s in seed_effect]
+    row = [r + 0.02 + e for r, e in zip(ref, [0.001, -0.002, 0.0, 0.002, -0.001, 0.001, 0.0, -0.001])]
+    paired = paired_difference(row, ref)
+    shuffled = paired_difference([row[i] for i in (3, 0, 6, 1, 7, 2, 5, 4)], ref)
+    assert paired["verdict"] == "worse" and shuffled["verdict"] == "not separated"
+    assert shuffled["high"] - shuffled["low"] > 20 * (paired["high"] - paired["low"])
+    assert paired["boot_low"] is not None and paired["boot_low"] > 0               # 8 seeds: bootstrap reported
+    assert paired["low"] - 0.01 < paired["boot_low"] < paired["boot_high"] < paired["high"] + 0.01
+    assert paired_difference(row[:7], ref[:7])["boot_low"] is None
+
+
+def test_paired_differences_match_seeds_by_name_and_skip_missing_ones():
+    from decm.eval.paired import paired_difference
+
+    st = paired_difference({0: 1.0, 1: 2.5, 3: 9.0}, {0: 0.5, 1: 2.0, 2: 7.0})  # seeds 0 and 1 are the pairs
+    assert st["n"] == 2 and st["mean"] == 0.5 and st["sd"] == 0.0
+
+
+# --- the uneven 2-D benchmark and where the mixtures' exact velocity lives ----------------------------------
+
+def test_uneven_benchmark_samples_its_weights_and_widths_and_its_exact_density_and_velocity_agree():
+    """gin/toy2d_uneven.gin: 6 modes, weights spread ≥ 5×, widths 0.05–0.2. Samples follow the weights and
+    per-mode widths; the exact density integrates to 1; the exact velocity at t = 0, x = 0 is the data mean
+    Σ_k w_k m_k (every component's posterior is its weight there)."""
+    import gin
+
+    from decm.job import parse
+
+    parse(["gin/toy2d_uneven.gin"], [])
+    ds = gin.query_parameter("train.dataset").scoped_configurable_fn()
+    w, s = ds.weights, ds.stds
+    assert ds.modes == 6 and float(w.max() / w.min()) >= 5 and float(s.min()) == 0.05 and float(s.max()) == 0.2
+    x, _ = ds.batch(200_000, torch.Generator().manual_seed(0))
+    k = ((x.double().unsqueeze(1) - ds.means.unsqueeze(0)) ** 2).sum(-1).argmin(1)  # nearest mode (modes 2.0 apart)
+    freq = torch.bincount(k, minlength=6).double() / len(x)
+    assert torch.allclose(freq, w, atol=0.005), (freq, w)
+    for j in range(6):  # per-mode std, each coordinate
+        assert abs(float((x.double()[k == j] - ds.means[j]).std()) - float(s[j])) < 0.05 * float(s[j]) + 2e-3
+    teacher = ds.analytic_teacher()
+    assert torch.equal(teacher.weights, w) and torch.equal(teacher.stds, s)
+    g = torch.linspace(-3, 3, 1201, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    mass = float(teacher.log_density(grid).exp().sum()) * float(g[1] - g[0]) ** 2
+    assert abs(mass - 1.0) < 1e-3
+    v0 = teacher(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))  # x_0 = z: v = E[x₁]
+    assert torch.allclose(v0, (w.unsqueeze(1) * ds.means).sum(0).expand(3, 2), atol=1e-12)
+
+
+def test_the_data_package_imports_nothing_from_the_method():
+    """Layering: datasets (and the mixtures' exact velocity they carry) never import decm.method."""
+    import ast
+    import glob
+
+    offenders = []
+    for path in glob.glob("decm/data/*.py"):
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path}: {n}" for n in names if n == "decm.method" or n.startswith("decm.method.")]
+    assert offenders == []
+    from decm.data.mixture_flow import GaussianMixtureTeacher, ode_flow
+    from decm.method import teachers
+
+    assert teachers.GaussianMixtureTeacher is GaussianMixtureTeacher and teachers.ode_flow is ode_flow
