@@ -15,7 +15,8 @@ The exact trajectory is the teacher ODE solved finely (RK4, `--ode-steps`); for 
 teacher that is the exact flow map to solver precision. Writes `<out>/table.md`, `table.csv`,
 `results.json`, `hop_errors.png` (error vs t per NFE, per run) and `final_vs_nfe.png` for training
 seed 0, and — the default runs trained with `--seeds` N > 1 — `over_seeds.md` / `over_seeds.json`: every
-per-hop error and final SW2 as mean ± sample sd over the seeds, how often the first hop is the largest,
+per-hop error and final SW2 as mean ± sample sd over the seeds, the paired per-seed difference of the
+final SW2 (with N2N − without, 95% t interval and verdict), how often the first hop is the largest,
 the thread count and the torch version.
 """
 
@@ -230,6 +231,22 @@ def over_seeds(by_seed: dict, nfes) -> tuple[dict, str]:
         for sampler, by_nfe in entry["final"].items():
             md.append(f"| {label} | {sampler} | " + " | ".join(
                 f"{by_nfe[str(k)]['mean']:.4f} ± {by_nfe[str(k)]['sd']:.4f}" for k in nfes) + " |")
+    labels = list(table["runs"])
+    if len(labels) == 2 and len(seeds) > 1:  # the two runs of one seed share noise and teacher: compare them as pairs
+        from decm.eval.paired import format_difference, paired_difference
+
+        base, other = labels
+        md += ["", f"## Paired: {other} − {base} (same seed), final SW2", "",
+               "Mean of the per-seed differences, 95% Student-t interval [low, high] and its verdict (better: lower SW2).",
+               "", "| sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|" + "---|" * len(nfes)]
+        table["paired"] = {"reference": base, "row": other, "final": {}}
+        for sampler in table["runs"][base]["final"]:
+            if sampler not in table["runs"][other]["final"]:
+                continue
+            cells = {str(k): paired_difference(table["runs"][other]["final"][sampler][str(k)]["values"],
+                                               table["runs"][base]["final"][sampler][str(k)]["values"]) for k in nfes}
+            table["paired"]["final"][sampler] = cells
+            md.append(f"| {sampler} | " + " | ".join(format_difference(cells[str(k)], 4) for k in nfes) + " |")
     md += ["", "## First hop the largest (seeds out of " + str(len(seeds)) + ")", ""]
     for label, entry in table["runs"].items():
         md += [f"- {label}, NFE {k}: {n}/{len(seeds)}" for k, n in entry["first_hop_largest"].items()]

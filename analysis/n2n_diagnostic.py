@@ -22,8 +22,11 @@ run and every saved checkpoint (`--ckpt-every`) the script measures, on fixed he
 Writes `<out>/table.md`, `table.csv` (mean ± sample sd over seeds, ddof = 1), `results.json` (every
 run, every checkpoint) and `trace.png` (the (0, 1) student error and the n2n target error over
 training). Runs live under `<runs-root>/toy2d_exact/<variant>-seed<k>-<config hash>` and are reused.
-Default output: a fresh `runs/analysis/n2n_diagnostic-<time>`; the committed reference is
-`analysis/results/n2n_diagnostic` (`--out` it to replace).
+Every variant is also compared with `--reference` (default decm) seed by seed: the paired difference's
+mean, 95% t interval and verdict (decm.eval.paired) on the headline columns. `--from-results` rewrites
+the tables from a saved results.json without the runs. Default output: a fresh
+`runs/analysis/n2n_diagnostic-<time>`; the committed reference is `analysis/results/n2n_diagnostic`
+(`--out` it to replace).
 """
 
 from __future__ import annotations
@@ -225,11 +228,11 @@ def cached_diagnosis(run_dir: str, n: int, ode_steps: int, seed: int = 7) -> dic
     return result
 
 
-def summarise(results: dict, variants, seeds) -> dict:
-    """{variant: {column: (mean, sd, n)}} from the last checkpoint of each seed's run."""
-    table = {}
+def seed_values(results: dict, variants, seeds) -> dict:
+    """{variant: {column: {seed: value}}} from the last checkpoint of each seed's run."""
+    out = {}
     for v in variants:
-        cols = {}
+        cols = out.setdefault(v, {})
         for seed in seeds:
             res = results.get(f"{v}/seed{seed}")
             if not res or not res["checkpoints"]:
@@ -246,13 +249,32 @@ def summarise(results: dict, variants, seeds) -> dict:
             vals["(0,1) n2n target err"] = last["shared"]["n2n_vs_exact"]
             for k, val in vals.items():
                 if val is not None:
-                    cols.setdefault(k, []).append(float(val))
-        table[v] = {k: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0, len(x))
-                    for k, x in cols.items()}
+                    cols.setdefault(k, {})[seed] = float(val)
+    return out
+
+
+def summarise(results: dict, variants, seeds) -> dict:
+    """{variant: {column: (mean, sd, n)}} from the last checkpoint of each seed's run."""
+    table = {}
+    for v, cols in seed_values(results, variants, seeds).items():
+        table[v] = {k: (float(np.mean(list(x.values()))), float(np.std(list(x.values()), ddof=1)) if len(x) > 1 else 0.0,
+                        len(x)) for k, x in cols.items()}
     return table
 
 
-def write_outputs(table: dict, results: dict, out: str, meta: dict) -> str:
+def paired_vs(results: dict, variants, seeds, reference: str = "decm") -> dict:
+    """{variant: {column: paired statistics of variant − reference}} over the seeds both have, for the headline
+    columns (decm.eval.paired: mean, 95% t interval, verdict)."""
+    from decm.eval.paired import paired_difference
+
+    values = seed_values(results, variants, seeds)
+    ref = values.get(reference, {})
+    return {v: {c: paired_difference(cols[c], ref[c]) for c in COMPACT if c in cols and c in ref}
+            for v, cols in values.items() if v != reference}
+
+
+def write_outputs(table: dict, results: dict, out: str, meta: dict, paired: dict | None = None,
+                  reference: str = "decm") -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,6 +292,15 @@ def write_outputs(table: dict, results: dict, out: str, meta: dict) -> str:
           "RMS errors against the exact flow map F* (lower is better); mean ± sample sd over seeds.", "",
           "## Headline", "", "| variant | " + " | ".join(compact) + " |", "|" + "---|" * (len(compact) + 1)]
     md += [f"| {v} | " + " | ".join(fmt(row.get(c)) for c in compact) + " |" for v, row in table.items()]
+    if paired:
+        from decm.eval.paired import format_difference
+
+        md += ["", f"## Paired differences vs {reference} (same seed)", "",
+               f"Per seed, variant − {reference}, then the mean and its 95% Student-t interval [low, high]; verdict from "
+               "the interval: better (wholly below 0, lower error), worse (wholly above 0), not separated (contains 0).",
+               "", "| variant | " + " | ".join(compact) + " |", "|" + "---|" * (len(compact) + 1)]
+        md += [f"| {v} | " + " | ".join(format_difference(row[c], 3) if c in row else "—" for c in compact) + " |"
+               for v, row in paired.items()]
     md += ["", "## All columns", "", "| variant | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     with open(os.path.join(out, "table.csv"), "w") as f:
         f.write(",".join(["variant"] + [f"{c} {k}" for c in columns for k in ("mean", "sd")]) + "\n")
@@ -281,7 +312,7 @@ def write_outputs(table: dict, results: dict, out: str, meta: dict) -> str:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "summary": {v: {c: list(x) for c, x in r.items()} for v, r in table.items()},
-                   "runs": results}, f, indent=2)
+                   "paired": {"reference": reference, "rows": paired or {}}, "runs": results}, f, indent=2)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, res in sorted(results.items()):
         variant, seed = key.split("/")
@@ -321,8 +352,30 @@ def main(argv=None) -> int:
     p.add_argument("--bind", action="append", default=[], help="extra gin binding for every run (repeatable)")
     p.add_argument("--runs-root", default="runs/ablations", help="where the runs live")
     p.add_argument("--out", default=None, help="output dir (default: a fresh runs/analysis/n2n_diagnostic-<time>)")
+    p.add_argument("--reference", default="decm", help="variant the paired differences are taken against")
+    p.add_argument("--from-results", default=None, metavar="RESULTS_JSON",
+                   help="train and diagnose nothing: rewrite the tables from a results.json this script wrote")
     args = p.parse_args(argv)
+    if args.from_results:
+        try:
+            with open(args.from_results) as f:
+                saved = json.load(f)
+            meta, results = saved["meta"], saved["runs"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"n2n_diagnostic: error: --from-results {args.from_results}: {e}", file=sys.stderr)
+            return 2
+        variants = list(meta["variants"])
+        if args.reference not in variants:
+            print(f"n2n_diagnostic: error: --reference {args.reference} is not among {variants}", file=sys.stderr)
+            return 2
+        table = summarise(results, variants, meta["seeds"])
+        out = args.out or os.path.join("runs", "analysis", time.strftime("n2n_diagnostic-%Y%m%d-%H%M%S"))
+        print(write_outputs(table, results, out, meta, paired_vs(results, variants, meta["seeds"], args.reference),
+                            args.reference))
+        return 0
     bad = [v for v in args.variants if v not in VARIANTS]
+    if args.reference not in args.variants:
+        bad.append(f"--reference {args.reference}")
     if bad or args.seeds < 1 or args.steps < 1:
         print(f"n2n_diagnostic: error: unknown variants {bad} or --seeds/--steps < 1 (variants: "
               f"{' '.join(VARIANTS)})", file=sys.stderr)
@@ -355,7 +408,8 @@ def main(argv=None) -> int:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "seconds": time.time() - t0,
             "benchmark": "gin/toy2d_exact_teacher.gin",
             "train_seconds_total": sum(r.get("train_seconds", 0.0) for r in results.values())}
-    print(write_outputs(table, results, out, meta))
+    print(write_outputs(table, results, out, meta, paired_vs(results, args.variants, seeds, args.reference),
+                        args.reference))
     print(f"\n→ {out}/table.md, table.csv, results.json, trace.png")
     return 0
 

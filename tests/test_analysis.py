@@ -345,3 +345,40 @@ def test_the_data_package_imports_nothing_from_the_method():
     from decm.method import teachers
 
     assert teachers.GaussianMixtureTeacher is GaussianMixtureTeacher and teachers.ode_flow is ode_flow
+
+
+def test_n2n_diagnostic_pairs_variants_with_the_reference_seed_by_seed(tmp_path):
+    """--from-results rewrites the committed study's tables without runs; each variant − decm difference is
+    taken per seed (here checked for SW2 at NFE 1 against the per-seed values in the saved runs)."""
+    import numpy as np
+    from scipy.stats import t as student_t
+
+    n2n = load("n2n_diagnostic")
+    saved = "analysis/results/n2n_diagnostic/results.json"
+    out = tmp_path / "n2n"
+    assert n2n.main(["--from-results", saved, "--out", str(out)]) == 0
+    runs = json.loads(open(saved).read())["runs"]
+    d = np.array([runs[f"fm_cd/seed{k}"]["sw2"]["1"] - runs[f"decm/seed{k}"]["sw2"]["1"] for k in range(3)])
+    half = student_t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
+    st = json.loads((out / "results.json").read_text())["paired"]["rows"]["fm_cd"]["SW2 NFE 1"]
+    assert st["n"] == 3 and math.isclose(st["mean"], d.mean(), abs_tol=1e-12)
+    assert math.isclose(st["low"], d.mean() - half, abs_tol=1e-12) and math.isclose(st["high"], d.mean() + half, abs_tol=1e-12)
+    assert "## Paired differences vs decm (same seed)" in (out / "table.md").read_text()
+    assert n2n.main(["--from-results", saved, "--reference", "nope", "--out", str(out)]) == 2
+
+
+def test_error_accumulation_pairs_the_two_runs_of_each_seed():
+    """over_seeds: with N2N − without N2N per seed; a shared seed effect cancels, a constant gap is separated."""
+    seed_effect = [0.0, 0.4, -0.3]
+
+    def run(final):
+        return {"hops": {"chain": {"1": [{"t_from": 0.0, "t_to": 1.0, "accumulated": final, "local": final}]}},
+                "final": {"chain": {"1": final}}}
+
+    by_seed = {k: {"without N2N (FM + CD)": run(1.0 + e), "with N2N (DE-CM)": run(1.1 + e + 0.01 * (k - 1))}
+               for k, e in enumerate(seed_effect)}
+    table, md = error_accumulation.over_seeds(by_seed, [1])
+    st = table["paired"]["final"]["chain"]["1"]
+    assert table["paired"]["reference"] == "without N2N (FM + CD)" and st["n"] == 3
+    assert math.isclose(st["mean"], 0.1, abs_tol=1e-12) and st["verdict"] == "worse"
+    assert "## Paired: with N2N (DE-CM) − without N2N (FM + CD) (same seed)" in md
