@@ -76,6 +76,9 @@ class Chain(Sampler):
 class CMRenoise(Sampler):
     """CM jump + re-noise (FACM): x̂ = f(x_k, t_k, 1), x_{k+1} = t_{k+1}·x̂ + (1 − t_{k+1})·ε.
 
+    With an exact flow map, x_{k+1} has the marginal of time t_{k+1} (tested); `trajectory`, when a list,
+    receives (t_{k+1}, x_{k+1}) after each re-noise and (1.0, x̂) at the end.
+
     Args:
       shift: timestep shift of the grid.
     """
@@ -84,7 +87,7 @@ class CMRenoise(Sampler):
         self.shift = shift
 
     @torch.no_grad()
-    def __call__(self, net, z, y=None, nfe=1, generator=None):
+    def __call__(self, net, z, y=None, nfe=1, generator=None, trajectory: list | None = None):
         ts = time_grid(nfe, self.shift)
         x, one = z, torch.ones(z.shape[0], device=z.device)
         x_hat = z
@@ -95,6 +98,10 @@ class CMRenoise(Sampler):
             if b < 1.0:
                 eps = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
                 x = b * x_hat + (1 - b) * eps
+                if trajectory is not None:
+                    trajectory.append((b, x.clone()))
+        if trajectory is not None:
+            trajectory.append((1.0, x_hat.clone()))
         return x_hat
 
 

@@ -133,8 +133,20 @@ def test_facm_cm_reduction_normalises_then_weights_by_time():
     loss = CMLoss()  # FACM defaults: cos weighting, robust c = 1e-3, q = 0.5
     got = loss.reduce(torch.tensor([4.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64))
     by_hand = 4.0 / math.sqrt(4.001) * math.cos(math.pi / 4)
-    assert abs(by_hand - 1.4140368) < 1e-6
     assert abs(float(got) - by_hand) < 1e-12
+    weighting_first = math.cos(math.pi / 4) * 4.0 / math.sqrt(math.cos(math.pi / 4) * 4.0 + 1e-3)
+    assert abs(float(got) - weighting_first) > 0.2  # the order matters at this point
+
+
+def test_facm_cm_reduction_is_per_sample():
+    """A batch of three errors at three times: each reduced with its own e and t (FACM's
+    `norm_l2_loss` is per sample, `beta` per sample), so a batch-wide normaliser would fail."""
+    e = torch.tensor([4.0, 0.01, 0.5], dtype=torch.float64)
+    t = torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64)
+    got = CMLoss().reduce(e, t)
+    for i in range(3):
+        by_hand = float(e[i]) / math.sqrt(float(e[i]) + 1e-3) * math.cos(math.pi * float(t[i]) / 2)
+        assert abs(float(got[i]) - by_hand) < 1e-12
 
 
 class StubCtx:
@@ -178,6 +190,101 @@ def test_scm_target_by_hand(norm, weight, t_value, expected_step):
     _, target = CMLoss(target="scm", tangent_norm=norm, tangent_weight=weight).target(ctx, t, torch.ones_like(t))
     # target = F⁻ − step: F⁻ = 3 everywhere
     assert torch.allclose(3.0 - target, torch.full_like(target, expected_step), atol=1e-12)
+
+
+def test_robust_normalisation_stops_the_gradient_of_its_denominator():
+    """FACM `norm_l2_loss`: e / (e + c).pow(p).detach(), so d/dθ = e′(θ) / (e + c)^p — the value alone
+    cannot tell it from e / (e + c)^p, the gradient can (that one would be e′·(e + c − p·e)/(e + c)^(p+1))."""
+    theta = torch.tensor([0.7, 1.9], dtype=torch.float64, requires_grad=True)
+    e = theta ** 2
+    t = torch.tensor([0.3, 0.6], dtype=torch.float64)
+    CMLoss().reduce(e, t).sum().backward()
+    for i in range(2):
+        th, ti = float(theta[i]), float(t[i])
+        by_hand = 2 * th / math.sqrt(th ** 2 + 1e-3) * math.cos(math.pi * ti / 2)
+        assert abs(float(theta.grad[i]) - by_hand) < 1e-12, (i, float(theta.grad[i]), by_hand)
+
+
+def residual_batch():
+    """Three samples (3×2×2×2, D = 8) with their own times and residuals that differ inside each sample
+    and from sample to sample: some entries of g beyond ±1 (FACM's clamp is active), some inside."""
+    t = torch.tensor([0.16, 0.49, 0.81], dtype=torch.float64)
+    k = torch.arange(24, dtype=torch.float64).reshape(3, 2, 2, 2)
+    f_minus = 0.3 * torch.sin(k) + 0.1 * k / 24
+    v = torch.cos(1.7 * k)
+    df_dt = 0.25 * (k % 5) - 1.5 * torch.arange(3, dtype=torch.float64).view(3, 1, 1, 1) ** 2
+    return StubCtx(torch.zeros_like(k), v, f_minus, df_dt), t, f_minus, v, df_dt
+
+
+def facm_target_by_hand(t, f, v, dfdt, p=0.5):
+    """ali-vilab/FACM `losses.py`, `FACMLoss.__call__`, element by element in Python floats:
+    v_bar = v + (t_end − t)·F_avg_grad; g = F_avg_sg − v_bar; alpha = 1 − alpha_t ** p (alpha_t = t);
+    target = F_avg_sg − alpha·g.clamp(min=−1, max=1)."""
+    v_bar = v + (1.0 - t) * dfdt
+    g = f - v_bar
+    alpha = 1.0 - t ** p
+    return f - alpha * max(-1.0, min(1.0, g)), g
+
+
+def test_facm_target_by_hand_on_a_batch():
+    ctx, t, f, v, dfdt = residual_batch()
+    _, target = CMLoss(target="facm").target(ctx, t, torch.ones_like(t))
+    clamped = 0
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in f.shape)).tolist():
+        i = tuple(idx)
+        expected, g = facm_target_by_hand(float(t[i[0]]), float(f[i]), float(v[i]), float(dfdt[i]))
+        clamped += abs(g) > 1
+        assert abs(float(target[i]) - expected) < 1e-12, (i, float(target[i]), expected)
+    assert 0 < clamped < f.numel()  # the clamp is active on some entries and not on others
+    # alpha_power is FACM's p
+    _, target_p = CMLoss(target="facm", alpha_power=2.0).target(ctx, t, torch.ones_like(t))
+    i = (2, 1, 0, 1)
+    assert abs(float(target_p[i]) - facm_target_by_hand(float(t[2]), float(f[i]), float(v[i]), float(dfdt[i]), 2.0)[0]) < 1e-12
+
+
+def scm_target_by_hand(t_all, f, v, dfdt, c=0.1):
+    """ali-vilab/FACM `losses.py`, `sCMLoss.__call__` (r_factor = 1 after warm-up), per sample in floats:
+    alpha = cos(alpha_t·π/2); g = alpha·(F_avg_sg − (v + (t_end − t)·F_avg_grad));
+    g_norm = ‖g‖ over (1, 2, 3) · sqrt(g_norm.numel() / g.numel()) — g_norm has one entry per sample, so
+    the factor is 1/√D: the per-sample RMS; target = F_avg_sg − g / (g_norm + 0.1)."""
+    out = []
+    for b in range(f.shape[0]):
+        t = float(t_all[b])
+        alpha = math.cos(t * math.pi / 2)
+        fb, vb, db = f[b].flatten().tolist(), v[b].flatten().tolist(), dfdt[b].flatten().tolist()
+        g = [alpha * (fi - (vi + (1.0 - t) * di)) for fi, vi, di in zip(fb, vb, db)]
+        rms = math.sqrt(sum(gi * gi for gi in g)) * math.sqrt(1 / len(g))
+        out.append([fi - gi / (rms + c) for fi, gi in zip(fb, g)])
+    return torch.tensor(out, dtype=torch.float64).reshape(f.shape)
+
+
+def test_scm_target_by_hand_on_a_batch_with_different_residuals():
+    ctx, t, f, v, dfdt = residual_batch()
+    _, target = CMLoss(target="scm").target(ctx, t, torch.ones_like(t))
+    expected = scm_target_by_hand(t, f, v, dfdt)
+    assert torch.allclose(target, expected, atol=1e-12, rtol=0)
+    norms = (f - (v + (1 - t).view(-1, 1, 1, 1) * dfdt)).flatten(1).norm(dim=1)
+    assert norms.max() > 1.5 * norms.min()  # the samples' residual norms differ
+
+
+def test_learned_log_variance_weighting_by_hand():
+    """exp(−u(t))·e + u(t), u(t) = w·[cos(2π f t), sin(2π f t)] + b over the seeded frequencies f
+    (sCM's adaptive weighting, FACM `AdaLoss`), checked element by element with non-zero w and b."""
+    loss = CMLoss(weighting="none", robust_c=0.0, learned_weighting=True, logvar_seed=3)
+    lv = loss.logvar
+    with torch.no_grad():
+        lv.linear.weight.copy_(torch.linspace(-0.3, 0.4, lv.linear.weight.numel()).view_as(lv.linear.weight))
+        lv.linear.bias.fill_(0.2)
+    e = torch.tensor([0.5, 2.0, 0.01], dtype=torch.float64)
+    t = torch.tensor([0.1, 0.5, 0.95], dtype=torch.float64)
+    got = loss.reduce(e, t)
+    freqs = lv.freqs.tolist()
+    w = lv.linear.weight.flatten().tolist()
+    for i in range(3):
+        ti = float(t[i])
+        feats = [math.cos(2 * math.pi * ti * f) for f in freqs] + [math.sin(2 * math.pi * ti * f) for f in freqs]
+        u = sum(a * b for a, b in zip(w, feats)) + 0.2
+        assert abs(float(got[i]) - (math.exp(-u) * float(e[i]) + u)) < 1e-6, (i, float(got[i]))
 
 
 def test_scm_default_is_facms_rms_norm_with_cos_weight():

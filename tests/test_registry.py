@@ -51,6 +51,7 @@ def _ctx(student, shape=(2,)):
 
 @pytest.mark.parametrize("name", registry.names("losses"))
 def test_losses_from_gin_are_finite_per_sample(name):
+    torch.manual_seed(0)
     gin.parse_config(f"L = @losses.{name}()")
     loss = gin.query_parameter("%L").scoped_configurable_fn()
     student = registry.get("backbones", "mlp")(width=16, depth=1, dim=2)
@@ -61,6 +62,14 @@ def test_losses_from_gin_are_finite_per_sample(name):
     t, s = registry.get("selectors", sel)()(u, 0)
     out = loss(ctx, t, s)
     assert out.shape == (16,) and torch.isfinite(out).all()
+    # per sample: the first 6 samples alone give the same 6 losses (no batch statistic couples them) …
+    half = Context(student, ctx.teacher, NoGuidance(), ctx.x1[:6], ctx.z[:6], None, ctx.step)
+    assert torch.allclose(loss(half, t[:6], s[:6]), out[:6], rtol=1e-5, atol=1e-7)
+    # … and moving sample 0's noise leaves every other sample's loss as it was
+    z = ctx.z.clone()
+    z[0] += 0.5
+    moved = loss(Context(student, ctx.teacher, NoGuidance(), ctx.x1, z, None, ctx.step), t, s)
+    assert torch.allclose(moved[1:], out[1:], rtol=1e-5, atol=1e-7)
     out.mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
