@@ -19,6 +19,7 @@ from decm import distributed, preemption, train_state
 from decm import parallel as data_parallel
 from decm.method.objective import NonFiniteTargetError
 from decm.method.teachers import NetworkTeacher
+from decm.phema import PowerFunctionEMA, check_sigma_rels
 from decm.models.build import (  # noqa: F401  (re-exported: older imports of these names from decm.train)
     TEACHER_SOURCES, backbone_kwargs, load_network_teacher, student_from_teacher)
 from decm.seeding import step_generator
@@ -45,6 +46,8 @@ def train(
     weight_decay: float = 0.0,           # AdamW weight decay
     grad_clip: float = 1.0,              # max global grad norm (paper: 1.0); ≤ 0 disables
     ema_decay: float = 0.999,            # EMA decay per step (warm-up min(decay, (1+k)/(10+k)))
+    phema_sigma_rels: tuple = (),        # post-hoc EMA (decm.phema): σ_rel of the power-function profiles tracked, e.g. (0.05, 0.2); () off
+    phema_every_steps: int = 0,          # post-hoc EMA: snapshot period in steps (the last step always snapshots)
     seed: int = 0,                       # base seed; per-step randomness = f(seed, rank, step)
     ckpt_every_steps: int = 500,         # checkpoint period in steps (the last step always saves)
     ckpt_every_minutes: float = 0.0,     # extra time-based checkpoint period, bounds lost work on a crash (0: off)
@@ -87,6 +90,10 @@ def train(
       weight_decay: AdamW weight decay.
       grad_clip: max gradient norm (≤ 0: off).
       ema_decay: EMA decay per step.
+      phema_sigma_rels: relative standard deviations of the power-function EMA profiles tracked for
+        post-hoc EMA (EDM2; decm.phema), written every `phema_every_steps` to checkpoints/phema/ and
+        reconstructed into any σ_rel afterwards by `python -m decm.phema`. () turns it off.
+      phema_every_steps: post-hoc EMA snapshot period in steps (> 0 when phema_sigma_rels is set).
       seed: base seed.
       ckpt_every_steps: checkpoint period (steps).
       ckpt_every_minutes: extra checkpoint period (minutes, 0: off).
@@ -110,6 +117,7 @@ def train(
     check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only)
     check_numbers(steps=steps, batch_size=batch_size, ckpt_every_steps=ckpt_every_steps,
                   log_every_steps=log_every_steps, lr=lr, keep_last=keep_last, ema_decay=ema_decay)
+    check_phema(phema_sigma_rels, phema_every_steps)
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {precision!r}")
     if compile_backend != "off" and compile_backend not in torch.compiler.list_backends(exclude_tags=()):
@@ -146,21 +154,26 @@ def train(
     model = model.to(device)
     objective = objective.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    phema = PowerFunctionEMA(model, phema_sigma_rels) if phema_sigma_rels else None
     wrapped = data_parallel.wrap(model, ema, teacher, mode, info.world_size, device, precision, shard_teacher)
+    if phema is not None and mode == "fsdp":
+        phema.shard(info.world_size, device, precision)
     groups = train_state.param_groups(model, objective)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    start, totals = train_state.load(ckpt_dir, mode, model, ema, objective, opt, info, stage)
+    start, totals = train_state.load(ckpt_dir, mode, model, ema, objective, opt, info, stage, phema)
     totals = totals or {"nan_masked_samples": 0, "skipped_steps": 0}
     distributed.barrier(info)  # every rank has loaded before rank 0 may write (and prune) checkpoints
     if compile_backend != "off":
         wrapped = torch.compile(wrapped, backend=compile_backend)
     stats_writer = StatsWriter(run_dir, resume_step=start) if info.main else None
     per_term = getattr(objective, "backward_per_term", False)  # the objective runs a backward per term
-    per_term_kwargs = {"backward": True, "agree": lambda bad: distributed.any_true(bad, info)} if per_term else {}
+    per_term_kwargs = {}  # every rank agrees on each term's non-finite verdict before any collective diverges
+    if hasattr(objective, "backward_per_term"):
+        per_term_kwargs = {"backward": per_term, "agree": lambda bad: distributed.any_true(bad, info)}
 
     def save(step):
-        train_state.save(ckpt_dir, step, mode, model, ema, objective, opt, totals, info, keep_last)
+        train_state.save(ckpt_dir, step, mode, model, ema, objective, opt, totals, info, keep_last, phema)
 
     def close():
         preemption.stop_listening()
@@ -224,6 +237,8 @@ def train(
                 raise TrainingDiverged(
                     f"{bad_in_a_row} consecutive non-finite steps at step {step}; last good checkpoint kept in {ckpt_dir}")
         done = step + 1
+        if phema is not None:  # every step, skipped ones too: a profile's time is the step count
+            phema.update(model, done)
         if step == start and info.main:
             write_operative_config(run_dir, tracker)
         if done % log_every_steps == 0 or done == steps:
@@ -241,6 +256,8 @@ def train(
         timed = ckpt_every_minutes > 0 and time.time() - last_ckpt_time > 60 * ckpt_every_minutes
         timed = distributed.any_true(timed, info) if ckpt_every_minutes > 0 else False
         stopping = stop_after_steps > 0 and new_steps >= stop_after_steps
+        if phema is not None and (done % phema_every_steps == 0 or done == steps) and (info.main or mode == "fsdp"):
+            phema.snapshot(ckpt_dir, done, sharded=mode == "fsdp", main=info.main)  # before the checkpoint of `done`
         if done % ckpt_every_steps == 0 or done == steps or timed or stopping:
             save(done)
             last_ckpt_time = time.time()
@@ -274,6 +291,19 @@ def check_numbers(**values) -> None:
             raise ValueError(f"train.{name} must be a number, got {value!r}")
     if values["lr"] <= 0 or not 0 <= values["ema_decay"] < 1:
         raise ValueError(f"train.lr must be > 0 and train.ema_decay in [0, 1), got {values['lr']}, {values['ema_decay']}")
+
+
+def check_phema(sigma_rels, every_steps) -> None:
+    """Post-hoc EMA settings: both set or both off (one clear error before anything runs)."""
+    if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 0:
+        raise ValueError(f"train.phema_every_steps must be an integer ≥ 0, got {every_steps!r}")
+    if sigma_rels:
+        check_sigma_rels(sigma_rels)
+        if every_steps == 0:
+            raise ValueError("train.phema_sigma_rels is set but train.phema_every_steps = 0: set the snapshot "
+                             "period in steps (or phema_sigma_rels = () to turn post-hoc EMA off)")
+    elif every_steps:
+        raise ValueError(f"train.phema_every_steps = {every_steps} needs train.phema_sigma_rels, e.g. (0.05, 0.2)")
 
 
 def check_stage(stage, objective, teacher_source, teacher_checkpoint, build_only) -> None:

@@ -62,29 +62,37 @@ def _is_named(opt_state: dict) -> bool:
         isinstance(p, str) for g in opt_state.get("param_groups", []) for p in g["params"])
 
 
-def full_state(step, model, ema, objective, opt, totals) -> dict:
-    """The single-file checkpoint dict (plain modules)."""
-    return {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "objective": objective.state_dict(),
-            "optimizer": opt.state_dict(), "totals": dict(totals)}
+def full_state(step, model, ema, objective, opt, totals, phema=None) -> dict:
+    """The single-file checkpoint dict (plain modules); `phema`: post-hoc EMA profiles (decm.phema)."""
+    out = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "objective": objective.state_dict(),
+           "optimizer": opt.state_dict(), "totals": dict(totals)}
+    if phema is not None:
+        out["phema"] = phema.state(sharded=False)
+    return out
 
 
-def sharded_state(step, model, ema, objective, opt, totals) -> dict:
+def sharded_state(step, model, ema, objective, opt, totals, phema=None) -> dict:
     """The DCP state dict (sharded modules): DTensors of this rank, optimizer state by parameter name."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"step": step, "totals": dict(totals), "model": get_model_state_dict(model),
-            "ema": get_model_state_dict(ema), "objective": objective.state_dict(),
-            "optimizer": get_optimizer_state_dict(_holder(model, objective), opt)}
+    out = {"step": step, "totals": dict(totals), "model": get_model_state_dict(model),
+           "ema": get_model_state_dict(ema), "objective": objective.state_dict(),
+           "optimizer": get_optimizer_state_dict(_holder(model, objective), opt)}
+    if phema is not None:
+        out["phema"] = phema.state(sharded=True)
+    return out
 
 
-def save(ckpt_dir: str, step: int, mode: str, model, ema, objective, opt, totals, info: DistInfo, keep_last: int):
+def save(ckpt_dir: str, step: int, mode: str, model, ema, objective, opt, totals, info: DistInfo, keep_last: int,
+         phema=None):
     """Writes a checkpoint of `step` (collective: every rank calls it)."""
     if mode == "fsdp":
-        sharded_checkpoint.save(ckpt_dir, step, sharded_state(step, model, ema, objective, opt, totals),
+        sharded_checkpoint.save(ckpt_dir, step, sharded_state(step, model, ema, objective, opt, totals, phema),
                                 info.main, keep_last)
         return
     if info.main:
-        checkpoint.save(ckpt_dir, step, full_state(step, model, ema, objective, opt, totals), keep_last=keep_last)
+        checkpoint.save(ckpt_dir, step, full_state(step, model, ema, objective, opt, totals, phema),
+                        keep_last=keep_last)
     barrier(info)
 
 
@@ -112,8 +120,15 @@ def newest(ckpt_dir: str, mode: str, verbose: bool = True) -> tuple[str | None, 
     return pt, "pt"
 
 
-def load(ckpt_dir: str, mode: str, model, ema, objective, opt, info: DistInfo, stage: str = "") -> tuple[int, dict | None]:
-    """Restores the newest valid checkpoint into the modules; returns (step, totals) or (0, None)."""
+def _has_phema(path: str) -> bool:
+    """Whether a sharded checkpoint holds post-hoc EMA profiles (DCP cannot load a section it lacks)."""
+    return any(k.startswith("phema.") for k in sharded_checkpoint.metadata(path).state_dict_metadata)
+
+
+def load(ckpt_dir: str, mode: str, model, ema, objective, opt, info: DistInfo, stage: str = "",
+         phema=None) -> tuple[int, dict | None]:
+    """Restores the newest valid checkpoint into the modules (and the post-hoc EMA profiles `phema`, which
+    must be in it when given); returns (step, totals) or (0, None)."""
     path, kind = newest(ckpt_dir, mode, verbose=info.main)
     if path is None:
         return 0, None
@@ -121,8 +136,13 @@ def load(ckpt_dir: str, mode: str, model, ema, objective, opt, info: DistInfo, s
     if mode == "fsdp" and kind == "dcp":
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        state = sharded_state(0, model, ema, objective, opt, {"nan_masked_samples": 0, "skipped_steps": 0})
+        if phema is not None and not _has_phema(path):
+            phema.check_state(None, f"checkpoint {path}")
+        state = sharded_state(0, model, ema, objective, opt, {"nan_masked_samples": 0, "skipped_steps": 0}, phema)
         sharded_checkpoint.load_into(path, state)
+        if phema is not None:
+            phema.check_state(state["phema"], f"checkpoint {path}")
+            phema.load(state["phema"], sharded=True)
         set_model_state_dict(model, state["model"])
         set_model_state_dict(ema, state["ema"])
         objective.load_state_dict(state.get("objective", {}))  # DCP drops empty sections
@@ -131,6 +151,9 @@ def load(ckpt_dir: str, mode: str, model, ema, objective, opt, info: DistInfo, s
         state = sharded_checkpoint.load_full(path) if kind == "dcp" else torch.load(path, map_location="cpu",
                                                                                       weights_only=True)
         opt_state = state["optimizer"]
+        if phema is not None:
+            phema.check_state(state.get("phema"), f"checkpoint {path}")
+            phema.load(state["phema"], full=mode == "fsdp")
         if mode == "fsdp":  # a single-file checkpoint (DDP run or export) into sharded modules
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)

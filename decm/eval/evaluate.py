@@ -35,9 +35,11 @@ from decm.registry import get as get_component
 from decm.models.build import backbone_kwargs, load_network_teacher
 
 
-def load_student(run_dir: str, backbone, dataset, use_ema: bool = True, step: int | None = None):
-    """The newest valid checkpoint's EMA (or raw) weights, or those of checkpoint `step`."""
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+def load_student(run_dir: str, backbone, dataset, use_ema: bool = True, step: int | None = None,
+                 ckpt_dir: str | None = None):
+    """The newest valid checkpoint's EMA (or raw) weights, or those of checkpoint `step`, from
+    `<run_dir>/checkpoints` or `ckpt_dir` (e.g. a post-hoc EMA reconstruction, decm.phema)."""
+    ckpt_dir = ckpt_dir or os.path.join(run_dir, "checkpoints")
     if step is None:
         path, state = checkpoint.latest_valid(ckpt_dir)
     else:
@@ -60,14 +62,15 @@ def sample_noise(indices, shape, seed: int) -> torch.Tensor:
 
 
 def generate(sampler, net, dataset, n: int, nfe: int, seed: int, info=None, batch: int = 500, device="cpu",
-             postprocess=None):
-    """This rank's share of n samples: returns (indices, outputs) with outputs = postprocess(samples)."""
+             postprocess=None, first: int = 0):
+    """This rank's share of the n samples of indices first … first + n − 1: returns (indices, outputs)
+    with outputs = postprocess(samples)."""
     info = info or distributed.DistInfo()
     idx_all, outs = [], []
-    for b, start in enumerate(range(0, n, batch)):
+    for b, start in enumerate(range(first, first + n, batch)):
         if b % info.world_size != info.rank:
             continue
-        idx = np.arange(start, min(start + batch, n))
+        idx = np.arange(start, min(start + batch, first + n))
         z = sample_noise(idx, dataset.shape, seed).to(device)
         y = torch.as_tensor(idx % dataset.num_classes, device=device) if dataset.num_classes else None
         g = torch.Generator().manual_seed(seed * 1_000_003 + start)  # stochastic samplers (re-noising)
@@ -98,16 +101,17 @@ def gather(indices, values, info):
     return torch.cat([p[1] for p in parts])[order]
 
 
-def make_decoder(dataset, vae: str | None):
-    """Model-space samples → [−1, 1] images: identity for pixels, VAE decode for latents."""
+def make_decoder(dataset, vae: str | None, vae_path: str | None = None, device="cpu"):
+    """Model-space samples → [−1, 1] images: identity for pixels; for latents, the dataset's inverse
+    normalisation (its index's scale or per-channel statistics) then the VAE's decoder on `device`."""
     if not hasattr(dataset, "denormalize"):
         return lambda x: x
     if not vae:
-        raise ValueError("latent samples need a decoder: set evaluate.vae (e.g. 'sd-vae-ft-ema')")
+        raise ValueError("latent samples need a decoder: set evaluate.vae (e.g. 'vavae-f16d32' or 'sd-vae-ft-ema')")
     from decm.data.encode_latents import make_vae
 
-    model = make_vae(vae, None).eval()
-    return lambda x: model.decode(dataset.denormalize(x.float().cpu())).clamp(-1, 1)
+    model = make_vae(vae, vae_path, "evaluate.vae_path").to(device).eval()
+    return lambda x: model.decode(dataset.denormalize(x.float().to(device))).clamp(-1, 1).cpu()
 
 
 def default_extractor(dataset) -> str:
@@ -151,8 +155,12 @@ def evaluate(
     reference_part: str = "all",         # 'all' (drawn with seed + 1); 'tune' / 'final': disjoint halves of one fixed draw
     metrics=("fid", "kid"),              # image metrics among fid, isc, kid, prc
     vae: str | None = None,              # latents: decoder name (decm.data.encode_latents)
+    vae_path: str | None = None,         # latents: the decoder's weights (VA-VAE checkpoint file; diffusers dir)
+    grid_samples: int = 64,              # samples per panel of samples.png (each one decoded: fewer on CPU at 256 px)
     use_ema: bool = True,                # evaluate the EMA weights (False: raw)
     checkpoint_step: int | None = None,  # evaluate this checkpoint (None: newest valid)
+    checkpoint_dir: str | None = None,   # read checkpoints from here (None: <run_dir>/checkpoints; e.g. decm.phema output)
+    first_index: int = 0,                # sample indices first_index … first_index + n_samples − 1 (disjoint ranges: --seeds)
     batch_size: int = 500,               # samples per sampler call
     device: str = "cpu",                 # 'cpu', 'cuda' or 'auto'
     out_dir: str | None = None,          # where the outputs go (None: the run directory)
@@ -183,12 +191,22 @@ def evaluate(
         1,797 images) each half is half the dataset and n_samples is capped to it.
       metrics: image metrics.
       vae: decoder for latents.
+      vae_path: the decoder's weights file (required for the VA-VAE).
+      grid_samples: samples shown per model × NFE panel of samples.png (at most 64).
       use_ema: EMA weights.
       checkpoint_step: checkpoint to evaluate.
+      checkpoint_dir: folder of the checkpoint to evaluate (None: the run's own checkpoints/), e.g. a
+        post-hoc EMA reconstruction written by `python -m decm.phema`.
+      first_index: index of the first sample; sample i has its own noise (seed, i) and label i mod classes,
+        so ranges [a, a + n) that do not overlap are independent draws (FID over several ranges).
       batch_size: samples per call.
       device: device.
       out_dir: output directory.
     """
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
+        raise ValueError(f"evaluate.first_index must be an integer ≥ 0, got {first_index!r}")
+    if isinstance(grid_samples, bool) or not isinstance(grid_samples, int) or grid_samples < 1:
+        raise ValueError(f"evaluate.grid_samples must be an integer ≥ 1, got {grid_samples!r}")
     if reference_part not in REFERENCE_PARTS:
         raise ValueError(f"evaluate.reference_part = {reference_part!r}: choose one of {', '.join(REFERENCE_PARTS)}")
     if ref_stats and reference_part != "all":
@@ -199,7 +217,7 @@ def evaluate(
     out_dir = out_dir or run_dir
     student, step = None, 0
     if student_nfe:  # the 'teacher' ablation row evaluates the teacher alone
-        student, step = load_student(run_dir, backbone, dataset, use_ema, checkpoint_step)
+        student, step = load_student(run_dir, backbone, dataset, use_ema, checkpoint_step, checkpoint_dir)
         student = student.to(dev)
     if teacher_nfe:
         if teacher_checkpoint:
@@ -218,7 +236,7 @@ def evaluate(
 
         ext = default_extractor(dataset) if extractor == "auto" else extractor
         weights = fidelity.resolve_weights(ext, feature_weights_path)
-        decode = make_decoder(dataset, vae)
+        decode = make_decoder(dataset, vae, vae_path, dev)
         if ref_stats:
             ref = fidelity.ReferenceStats.load(ref_stats, fidelity.fidelity_name(ext))
             reference = None
@@ -239,19 +257,20 @@ def evaluate(
     for who, name, nfe in cells:
         sampler = build_sampler(name, teacher_guidance)
         net = student if who == "student" else teacher
-        idx, local = generate(sampler, net, dataset, n_samples, nfe, seed, info, batch_size, dev, post)
+        idx, local = generate(sampler, net, dataset, n_samples, nfe, seed, info, batch_size, dev, post, first_index)
         values = gather(idx, local, info)
         if info.main:
             rows.append({"model": who, "sampler": name, "nfe": nfe, **score(values)})
             if not images:
                 pictures[panel_title(who, name, nfe, label or os.path.basename(os.path.abspath(run_dir)))] = values
         if images and info.main and name in (student_samplers[0], (teacher_samplers or ("",))[0]):
-            _, x = generate(sampler, net, dataset, min(8 * max(dataset.num_classes, 1), 64), nfe, seed,
+            _, x = generate(sampler, net, dataset, min(8 * max(dataset.num_classes, 1), grid_samples, 64), nfe, seed,
                             device=dev, postprocess=lambda x: decode(x).float().cpu())
             pictures[panel_title(who, name, nfe, label or os.path.basename(os.path.abspath(run_dir)))] = x
     if not info.main:
         return {}
-    results = {"step": step, "student": {}, "teacher": {}, "rows": rows}
+    results = {"step": step, "student": {}, "teacher": {}, "rows": rows, "n_samples": n_samples,
+               "first_index": first_index}
     first = {"student": student_samplers[0], "teacher": (teacher_samplers or ("",))[0]}
     for r in rows:
         if r["sampler"] == first[r["model"]]:
@@ -261,7 +280,7 @@ def evaluate(
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_nfe(rows, os.path.join(out_dir, "nfe.png"), label or os.path.basename(os.path.abspath(run_dir)))
-    ref_pic = decode(reference[:64]) if (images and reference is not None) else reference
+    ref_pic = decode(reference[:min(grid_samples, 64)]) if (images and reference is not None) else reference
     save_picture(pictures, ref_pic, os.path.join(out_dir, "samples.png"), images, dataset.num_classes)
     return results
 
