@@ -153,8 +153,26 @@ def trial_seconds(sweep_dir: str) -> float:
     return total
 
 
-def run_dir_of(specs, row: str, seed: int):
-    return next(s.run_dir for s in specs if os.path.basename(s.run_dir).startswith(f"{row}-seed{seed}-"))
+def row_seed(run_dir: str):
+    """(row, seed) from a run directory named `<row>-seed<k>-<12 hex digits>`, else None."""
+    import re
+
+    m = re.fullmatch(r"(.+)-seed(\d+)-[0-9a-f]{12}", os.path.basename(run_dir.rstrip("/")))
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def load_saved(path: str):
+    """(results, rows in order, seeds, tuned, seconds) of a results.json this script wrote."""
+    with open(path) as f:
+        saved = json.load(f)
+    results, rows = saved["runs"], []
+    for run_dir in results:
+        rs = row_seed(run_dir)
+        if rs is None:
+            raise ValueError(f"{path}: run directory {run_dir!r} is not named <row>-seed<k>-<config hash>")
+        if rs[0] not in rows:
+            rows.append(rs[0])
+    return results, rows, saved["seeds"], saved.get("tuned") or {}, saved.get("seconds")
 
 
 def finished(run_dir: str) -> bool:
@@ -218,15 +236,17 @@ def cell(rows, row: str, sampler: str, nfe: int, metric: str):
     return None
 
 
-def per_seed(results: dict, rows_order, seeds, specs, metric):
-    """{row: {(sampler, nfe): {seed: value}}} over the seeds whose run finished (missing seeds left out)."""
+def per_seed(results: dict, rows_order, seeds, metric):
+    """{row: {(sampler, nfe): {seed: value}}} over the seeds whose run finished (missing seeds left out); runs
+    are found by their directory names (row_seed)."""
+    index = {row_seed(run_dir): run_dir for run_dir in results}
     out = {}
     for row in rows_order:
         out[row] = {}
         for col in COLUMNS:
             vals = {}
             for seed in seeds:
-                m = results.get(run_dir_of(specs, row, seed))
+                m = results.get(index.get((row, seed)))
                 v = cell(m["rows"], row, col[0], col[1], metric) if m else None
                 if v is not None:
                     vals[seed] = v
@@ -459,6 +479,9 @@ def main(argv=None) -> int:
                    help="row the paired differences are taken against (default: decm when it is among the rows)")
     p.add_argument("--metric", default=None, choices=sorted(DECIMALS),
                    help="metric of the table (default: the benchmark's; 2-D runs also record 'energy')")
+    p.add_argument("--from-results", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: rewrite the tables (paired statistics, relations) from a results.json this "
+                        "script wrote, e.g. a committed table under analysis/results/ (rows and seeds as saved)")
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: write the tables from the runs that have finished (a partial table while a "
                         "command trains the rest)")
@@ -467,6 +490,8 @@ def main(argv=None) -> int:
                                                "only when given here)")
     args = p.parse_args(argv)
     sys.path.insert(0, os.getcwd())
+    if args.from_results:
+        return from_results(args)
     extended = [r for r in EXTENDED if BENCHMARKS[args.benchmark][2] or r not in CLIP_ROWS] if args.extended else []
     if args.extended and len(extended) < len(EXTENDED):
         print(f"[ablation] --benchmark {args.benchmark} has no CFG: clip rows left out (run them on toy2d_cond)",
@@ -518,7 +543,7 @@ def main(argv=None) -> int:
         print(f"ablation_table: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     metric = args.metric or BENCHMARKS[args.benchmark][1]
-    values = per_seed(results, rows, seeds, specs, metric)
+    values = per_seed(results, rows, seeds, metric)
     table = aggregate(values)
     paired = paired_table(values, reference) if reference else None
     rels = relations(values)
@@ -527,6 +552,26 @@ def main(argv=None) -> int:
     print(write_outputs(table, rels, results, out, args.benchmark, metric, seeds, rows, tuned, time.time() - t0,
                         paired, reference, missing))
     print(f"\n→ {out}/table.md, table.csv, relations.json, results.json, plot.png")
+    return 0
+
+
+def from_results(args) -> int:
+    """--from-results: the tables of a saved results.json, recomputed with this script's statistics."""
+    try:
+        results, rows, seeds, tuned, seconds = load_saved(args.from_results)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"ablation_table: error: --from-results {args.from_results}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    reference = args.reference or ("decm" if "decm" in rows else None)
+    if reference is not None and reference not in rows:
+        print(f"ablation_table: error: --reference {reference} is not among the saved rows {rows}", file=sys.stderr)
+        return 2
+    metric = args.metric or BENCHMARKS[args.benchmark][1]
+    values = per_seed(results, rows, seeds, metric)
+    missing = [f"{r}-seed{k}" for r in rows for k in seeds if (r, k) not in {row_seed(d) for d in results}]
+    out = args.out or os.path.join("runs", "analysis", time.strftime(f"ablation-{args.benchmark}-%Y%m%d-%H%M%S"))
+    print(write_outputs(aggregate(values), relations(values), results, out, args.benchmark, metric, seeds, rows, tuned,
+                        seconds, paired_table(values, reference) if reference else None, reference, missing))
     return 0
 
 

@@ -278,3 +278,25 @@ def test_digits_tuning_scores_a_held_out_reference_half_and_sizes_step_ranges_to
             else:
                 assert dist == base[key], key
     assert ablation.space_path("fm_only", "digits") == ablation.space_path("fm_only") == "gin/ablations/fm_only.space.yaml"
+
+
+def test_from_results_recomputes_a_committed_table_with_paired_statistics(tmp_path):
+    """--from-results rebuilds the committed 3-seed table from its results.json alone: the same means, and
+    each row's paired difference is taken seed by seed from the saved runs."""
+    import numpy as np
+
+    saved = "analysis/results/ablation-toy2d-tuned/results.json"
+    out = tmp_path / "re"
+    assert ablation.main(["--benchmark", "toy2d", "--from-results", saved, "--out", str(out)]) == 0
+    first = lambda text: text.split("\n\n")[1]  # noqa: E731  the first table (after the title)
+    assert first((out / "table.md").read_text()) == first(open("analysis/results/ablation-toy2d-tuned/table.md").read())
+    runs = json.loads(open(saved).read())["runs"]
+
+    def chain1(row, k):
+        d = next(d for d in runs if os.path.basename(d).startswith(f"{row}-seed{k}-"))
+        return next(r["sw2"] for r in runs[d]["rows"] if r["sampler"] == "chain" and r["nfe"] == 1)
+
+    d = np.array([chain1("fm_cd", k) - chain1("decm", k) for k in range(3)])
+    st = json.loads((out / "results.json").read_text())["paired"]["rows"]["fm_cd"]["chain_1"]
+    assert st["n"] == 3 and abs(st["mean"] - d.mean()) < 1e-12 and abs(st["sd"] - d.std(ddof=1)) < 1e-12
+    assert ablation.main(["--from-results", str(tmp_path / "absent.json")]) == 2
