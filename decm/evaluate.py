@@ -6,6 +6,13 @@ flags, and writes `metrics.json`, `metrics.csv`, `nfe.png` and `samples.png` to 
 `RUN_DIR/eval-step<step>`), then logs them to the run's W&B run (same id). Multi-GPU: run it under
 `torchrun --nproc-per-node N -m decm.evaluate ...` (each rank samples a slice; rank 0 scores).
 Bad input prints one `decm.evaluate: error: ...` line and exits 2.
+
+FID over several sample ranges (as EDM2 reports FID-50K over three): `--seeds 0-49999 50000-99999
+100000-149999` evaluates each range of sample indices (inclusive; sample i has its own noise from
+(seed, i) and label i mod classes, so disjoint ranges are independent draws) into `<out>/seeds-<a>-<b>/`,
+prints every metric per range with their mean and minimum, and writes `<out>/seeds.json`.
+`--checkpoint DIR` evaluates the newest checkpoint in DIR (e.g. a post-hoc EMA reconstruction written by
+`python -m decm.phema`) with the run's configuration.
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz (python -m decm.eval.ref_stats)")
     p.add_argument("--vae", default=None, help="decoder for latent runs (e.g. sd-vae-ft-ema)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest valid)")
+    p.add_argument("--checkpoint", default=None,
+                   help="folder of the checkpoint to evaluate instead of RUN_DIR/checkpoints (e.g. RUN_DIR/posthoc/sigma_rel-0.200)")
+    p.add_argument("--seeds", nargs="+", default=None,
+                   help="disjoint, equally long sample-index ranges A-B (inclusive), e.g. 0-49999 50000-99999 "
+                        "100000-149999: one evaluation per range, then the mean and minimum (replaces --n)")
     p.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=None, help="noise seed")
     p.add_argument("--device", default=None, help="cpu, cuda or auto")
@@ -53,6 +65,57 @@ def overrides(args) -> dict:
     if args.raw:
         out["use_ema"] = False
     return out
+
+
+def parse_seeds(items) -> list[tuple[int, int]]:
+    """['0-49999', '50000-99999,100000-149999'] → [(0, 50000), (50000, 100000), ...] (first, end exclusive);
+    a ValueError unless the ranges are well formed, equally long (≥ 2 samples) and disjoint."""
+    ranges = []
+    for item in (part for arg in items for part in arg.split(",") if part):
+        a, sep, b = item.partition("-")
+        if not sep or not a.isdigit() or not b.isdigit() or int(b) < int(a) + 1:
+            raise ValueError(f"--seeds: {item!r} is not a range A-B of sample indices with A < B (e.g. 0-49999)")
+        ranges.append((int(a), int(b) + 1))
+    if not ranges:
+        raise ValueError("--seeds needs at least one range A-B")
+    if len({e - a for a, e in ranges}) > 1:
+        raise ValueError(f"--seeds: ranges must be equally long (FID depends on the sample count), got "
+                         f"{[e - a for a, e in ranges]} samples")
+    ordered = sorted(ranges)
+    for (a1, e1), (a2, _) in zip(ordered, ordered[1:]):
+        if a2 < e1:
+            raise ValueError(f"--seeds: ranges {a1}-{e1 - 1} and {a2}-… overlap")
+    return ranges
+
+
+def summarize_seeds(ranges, results: list[dict]) -> dict:
+    """{'ranges', 'rows': per (model, sampler, NFE) and metric: per_range, mean, min} over the evaluations."""
+    rows = {}
+    for res in results:
+        for r in res["rows"]:
+            key = (r["model"], r["sampler"], r["nfe"])
+            row = rows.setdefault(key, {"model": r["model"], "sampler": r["sampler"], "nfe": r["nfe"]})
+            for k, v in r.items():
+                if k not in ("model", "sampler", "nfe"):
+                    row.setdefault(k, {"per_range": []})["per_range"].append(float(v))
+    for row in rows.values():
+        for k, v in row.items():
+            if isinstance(v, dict):
+                v["mean"] = sum(v["per_range"]) / len(v["per_range"])
+                v["min"] = min(v["per_range"])
+    return {"step": results[0]["step"], "ranges": [[a, e - 1] for a, e in ranges],
+            "samples_per_range": [res.get("n_samples") for res in results], "rows": list(rows.values())}
+
+
+def print_seeds(summary: dict) -> None:
+    names = "  ".join(f"{a}-{b}" for a, b in summary["ranges"])
+    print(f"  per range ({names}), mean, min:")
+    for r in summary["rows"]:
+        for k, v in r.items():
+            if isinstance(v, dict):
+                per = "  ".join(f"{x:.4f}" for x in v["per_range"])
+                print(f"  {r['model']:<8} {r['sampler']:<14} NFE {r['nfe']:>3} {k}: {per}  mean {v['mean']:.4f}  "
+                      f"min {v['min']:.4f}")
 
 
 def main(argv=None) -> int:
@@ -76,29 +139,57 @@ def main(argv=None) -> int:
             with open(summary_path) as f:
                 teacher = json.load(f).get("teacher_checkpoint")
         kwargs = overrides(args)
-        path, state = checkpoint.latest_valid(os.path.join(args.run_dir, "checkpoints"))
+        ranges = parse_seeds(args.seeds) if args.seeds else [None]
+        if args.seeds and args.n is not None:
+            raise ValueError("--seeds sets the samples per range; drop --n")
+        ckpt_dir = args.checkpoint or os.path.join(args.run_dir, "checkpoints")
+        if args.checkpoint:
+            if not os.path.isdir(args.checkpoint):
+                raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such folder")
+            kwargs["checkpoint_dir"] = args.checkpoint
+        path, state = checkpoint.latest_valid(ckpt_dir)
         step = kwargs.get("checkpoint_step", int(state["step"]) if state else 0)
-        out_dir = args.out or os.path.join(args.run_dir, f"eval-step{step}")
+        default_out = args.checkpoint if args.checkpoint else args.run_dir
+        out_dir = args.out or os.path.join(default_out, f"eval-step{step}")
         from decm.eval.evaluate import evaluate
         from decm.experiment import log_evaluation
 
-        with gin.config_scope("distill"):
-            results = evaluate(args.run_dir, teacher_checkpoint=teacher, out_dir=out_dir, **kwargs)
+        evaluations = []
+        for span in ranges:
+            extra, cell_out = {}, out_dir
+            if span is not None:
+                extra = {"first_index": span[0], "n_samples": span[1] - span[0]}
+                cell_out = os.path.join(out_dir, f"seeds-{span[0]}-{span[1] - 1}")
+            with gin.config_scope("distill"):
+                results = evaluate(args.run_dir, teacher_checkpoint=teacher, out_dir=cell_out, **kwargs, **extra)
+            evaluations.append((span, cell_out, results))
     except USER_ERRORS as e:
         return cli_error("decm.evaluate", e)
-    if not results:  # ranks > 0
+    if not evaluations[0][2]:  # ranks > 0
         distributed.shutdown()
         return 0
     if not args.no_wandb:
         from decm.wandb_log import Tracker
 
         tracker = Tracker(args.run_dir)
-        log_evaluation(tracker, results, out_dir, prefix=f"eval-step{results['step']}")
+        for span, cell_out, results in evaluations:
+            suffix = f"-seeds{span[0]}-{span[1] - 1}" if span is not None else ""
+            log_evaluation(tracker, results, cell_out, prefix=f"eval-step{results['step']}{suffix}")
         tracker.finish()
-    print(f"step {results['step']} → {out_dir}")
-    for r in results["rows"]:
-        print(f"  {r['model']:<8} {r['sampler']:<14} NFE {r['nfe']:>3}: " +
-              ", ".join(f"{k}={v:.4f}" for k, v in r.items() if k not in ("model", "sampler", "nfe")))
+    for span, cell_out, results in evaluations:
+        print(f"step {results['step']}" + (f", samples {span[0]}-{span[1] - 1}" if span is not None else "") +
+              f" → {cell_out}")
+        for r in results["rows"]:
+            print(f"  {r['model']:<8} {r['sampler']:<14} NFE {r['nfe']:>3}: " +
+                  ", ".join(f"{k}={v:.4f}" for k, v in r.items() if k not in ("model", "sampler", "nfe")))
+    if args.seeds:
+        summary = summarize_seeds(ranges, [r for _, _, r in evaluations])
+        tmp = os.path.join(out_dir, "seeds.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, "seeds.json"))
+        print(f"over {len(ranges)} sample ranges → {os.path.join(out_dir, 'seeds.json')}")
+        print_seeds(summary)
     distributed.shutdown()
     return 0
 
