@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", default=None, help="auto, inception or digits")
     p.add_argument("--weights", default=None, help="feature extractor weights file")
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz (python -m decm.eval.ref_stats)")
-    p.add_argument("--vae", default=None, help="decoder for latent runs (e.g. sd-vae-ft-ema)")
+    p.add_argument("--vae", default=None, help="decoder for latent runs (e.g. vavae-f16d32, sd-vae-ft-ema)")
+    p.add_argument("--vae-path", default=None, help="the decoder's weights (the VA-VAE checkpoint file)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest valid)")
     p.add_argument("--checkpoint", default=None,
                    help="folder of the checkpoint to evaluate instead of RUN_DIR/checkpoints (e.g. RUN_DIR/posthoc/sigma_rel-0.200)")
@@ -60,7 +61,7 @@ def overrides(args) -> dict:
     pairs = {"student_nfe": args.nfe, "student_samplers": args.sampler, "teacher_nfe": args.teacher_nfe,
              "teacher_samplers": args.teacher_sampler, "n_samples": args.n, "metrics": args.metrics,
              "extractor": args.extractor, "feature_weights_path": args.weights, "ref_stats": args.ref_stats,
-             "vae": args.vae, "checkpoint_step": args.step, "seed": args.seed, "device": args.device}
+             "vae": args.vae, "vae_path": args.vae_path, "checkpoint_step": args.step, "seed": args.seed, "device": args.device}
     out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in pairs.items() if v is not None}
     if args.raw:
         out["use_ema"] = False

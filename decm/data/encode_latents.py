@@ -1,18 +1,32 @@
 """Encode an ImageFolder into `decm-latents-v1` shards (see decm.data.latents): distributed, resumable.
 
+    torchrun --nproc-per-node 8 -m decm.data.encode_latents --image-folder /data/imagenet/train \
+        --out /data/in256-vavae --vae vavae-f16d32 --vae-path /ckpt/vavae-imagenet256-f16d32-dinov2.pt \
+        --latent-stats /ckpt/latents_stats.pt
     python -m decm.data.encode_latents --image-folder /data/imagenet/train --out /data/in256-sdvae \
         --vae sd-vae-ft-ema --image-size 256 --shard-size 10000 [--flip]
-    torchrun --nproc-per-node 8 -m decm.data.encode_latents ...   # or srun: one rank per GPU
 
 Images are sorted by (class folder, file name); shard i holds images [i·S, (i+1)·S). Rank r encodes
 shards i ≡ r (mod world size), writing each shard's arrays to temporary files, renaming them, then
 writing `shard-XXXXX.ok`; a rerun skips every shard whose `.ok` matches. Rank 0 writes index.json once
 all shards are present. Preprocessing: ADM center crop to `image-size`, values in [−1, 1]; the encoder
-stores the posterior mean (or a sample with --sample) as raw latents; index.json records the scale.
+stores raw latents (a posterior sample or the mean, `--posterior`) and index.json records how the model
+inputs are made from them (scale, or per-channel statistics).
 
-VAEs: `sd-vae-ft-ema` / `sd-vae-ft-mse` (diffusers AutoencoderKL; needs `pip install diffusers` and
-the weights in the Hugging Face cache or --vae-path), and `avgpool-test`, a deterministic stand-in
-(8× average pooling, fixed 3→4 channel mix) used by the tests and for dry plumbing runs on CPU.
+VAEs:
+  - `vavae-f16d32`: the VA-VAE of LightningDiT (decm.models.vavae; weights: --vae-path). Stored and
+    normalised as LightningDiT's `extract_features.py` and `ImgLatentDataset` do: by default a posterior
+    *sample* of every image and of its horizontal flip, float32; per-channel mean and std (unbiased) over
+    the stored non-flipped latents of min(10,000, N) images drawn without replacement — or the released
+    `latents_stats.pt` with --latent-stats, which the released teacher was trained with — and model inputs
+    (z − mean) / std × latent_multiplier (1.0). The statistics go into index.json (channel_mean,
+    channel_std) and, in the official format, into `<out>/latents_stats.pt`. Posterior noise comes from a
+    CPU generator seeded by (seed, shard), so a shard's latents do not depend on the world size.
+  - `vavae-small`: the same layout at base width 32 (tests, CPU runs of the whole path).
+  - `sd-vae-ft-ema` / `sd-vae-ft-mse` (diffusers AutoencoderKL; needs `pip install diffusers` and the
+    weights in the Hugging Face cache or --vae-path): posterior mean, scale 0.18215, no flips by default.
+  - `avgpool-test`, a deterministic stand-in (8× average pooling, fixed 3→4 channel mix) used by the tests
+    and for dry plumbing runs on CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +41,16 @@ import torch
 
 from decm.data.latents import FORMAT
 
-VAES = {"sd-vae-ft-ema": 0.18215, "sd-vae-ft-mse": 0.18215, "avgpool-test": 1.0}
+# name → scale (the latent multiplier), channel statistics, default posterior, default flips, default dtype.
+VAES = {
+    "vavae-f16d32": dict(scale=1.0, channel_stats=True, posterior="sample", flip=True, dtype="float32"),
+    "vavae-small": dict(scale=1.0, channel_stats=True, posterior="sample", flip=True, dtype="float32"),
+    "sd-vae-ft-ema": dict(scale=0.18215, channel_stats=False, posterior="mean", flip=False, dtype="float16"),
+    "sd-vae-ft-mse": dict(scale=0.18215, channel_stats=False, posterior="mean", flip=False, dtype="float16"),
+    "avgpool-test": dict(scale=1.0, channel_stats=False, posterior="mean", flip=False, dtype="float16"),
+}
+VAVAE_LAYOUTS = {"vavae-f16d32": {}, "vavae-small": {"ch": 32}}  # VAVAE arguments over the f16d32 defaults
+STATS_IMAGES = 10000  # LightningDiT's ImgLatentDataset.compute_latent_stats: min(10000, N) random images
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG")
 
 
@@ -107,12 +130,33 @@ class DiffusersVAE(torch.nn.Module):
         return self.vae.decode(z).sample
 
 
-def make_vae(name: str, path: str | None):
+class VAVAECodec(torch.nn.Module):
+    """The VA-VAE (decm.models.vavae) behind the encode(x, sample, generator) / decode(z) interface."""
+
+    def __init__(self, name: str, path: str | None, option: str):
+        super().__init__()
+        from decm.models.vavae import load_vavae
+
+        self.vae = load_vavae(path, option, **VAVAE_LAYOUTS[name])
+
+    @torch.no_grad()
+    def encode(self, x, sample=True, generator=None):
+        return self.vae.encode(x, sample, generator)
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.vae.decode(z)
+
+
+def make_vae(name: str, path: str | None, option: str = "--vae-path"):
+    """The named VAE; `option` is the setting that names its weights file (quoted when it is missing)."""
     if name == "avgpool-test":
         return AvgPoolTestVAE()
+    if name in VAVAE_LAYOUTS:
+        return VAVAECodec(name, path, option)
     if name in ("sd-vae-ft-ema", "sd-vae-ft-mse"):
         return DiffusersVAE(name, path)
-    raise SystemExit(f"encode_latents: error: unknown --vae {name!r}; choices: {', '.join(VAES)}")
+    raise ValueError(f"unknown VAE {name!r}; choices: {', '.join(VAES)}")
 
 
 def shard_name(i: int) -> str:
@@ -134,15 +178,17 @@ def save_array(path: str, arr: np.ndarray) -> None:
 
 
 def encode_shard(vae, items, out: str, i: int, args, device) -> None:
+    """Encodes one shard: per batch the images, then (with flips) the mirrored images, as extract_features.py."""
     lat, lab, lat_flip = [], [], []
-    g = torch.Generator(device=device).manual_seed(args.seed * 100003 + i)
+    g = torch.Generator().manual_seed(args.seed * 100003 + i)  # CPU: the same latents on any device
+    sample = args.posterior == "sample"
     for b in range(0, len(items), args.batch_size):
         chunk = items[b: b + args.batch_size]
         x = load_batch([p for p, _ in chunk], args.image_size).to(device)
         with torch.no_grad():
-            lat.append(vae.encode(x, args.sample, g).float().cpu().numpy())
+            lat.append(vae.encode(x, sample, g).float().cpu().numpy())
             if args.flip:
-                lat_flip.append(vae.encode(x.flip(-1), args.sample, g).float().cpu().numpy())
+                lat_flip.append(vae.encode(x.flip(-1), sample, g).float().cpu().numpy())
         lab.extend(c for _, c in chunk)
     dtype = np.float16 if args.dtype == "float16" else np.float32
     base = os.path.join(out, shard_name(i))
@@ -155,13 +201,61 @@ def encode_shard(vae, items, out: str, i: int, args, device) -> None:
     os.replace(base + ".ok.tmp", base + ".ok")
 
 
+def computed_stats(out: str, shards, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean and std (unbiased) over the stored non-flipped latents of min(10,000, N) images drawn
+    without replacement (seeded), as LightningDiT's ImgLatentDataset.compute_latent_stats: (1, C, 1, 1) each."""
+    counts = [len(s) for s in shards]
+    total = sum(counts)
+    pick = np.sort(np.random.default_rng([seed, 7]).choice(total, min(STATS_IMAGES, total), replace=False))
+    offsets = np.cumsum([0] + counts)
+    rows = []
+    for i in range(len(shards)):
+        sel = pick[(pick >= offsets[i]) & (pick < offsets[i + 1])] - offsets[i]
+        if len(sel):
+            arr = np.load(os.path.join(out, shard_name(i) + ".latents.npy"), mmap_mode="r")
+            rows.append(torch.from_numpy(np.asarray(arr[sel], dtype=np.float32)))
+    z = torch.cat(rows)
+    return z.mean(dim=(0, 2, 3), keepdim=True), z.std(dim=(0, 2, 3), keepdim=True), len(z)
+
+
+def released_stats(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std of a `latents_stats.pt` file ({'mean', 'std'}, each (1, C, 1, 1))."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"latent statistics file not found: {path} (set --latent-stats; the release is "
+                                "latents_stats.pt beside the VA-VAE checkpoint)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return obj["mean"].float(), obj["std"].float()
+    except Exception as e:  # noqa: BLE001 — a bad file is one line
+        raise ValueError(f"cannot read latent statistics {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+def latent_stats(out: str, shards, shape, args) -> dict:
+    """index.json entries for the per-channel statistics (VA-VAE), written also as `<out>/latents_stats.pt`."""
+    if not VAES[args.vae]["channel_stats"]:
+        return {"channel_mean": None, "channel_std": None}
+    if args.latent_stats:
+        mean, std = released_stats(args.latent_stats)
+        source = os.path.abspath(args.latent_stats)
+    else:
+        mean, std, n = computed_stats(out, shards, args.seed)
+        source = f"computed from {n} stored latents"
+    if mean.numel() != shape[0] or std.numel() != shape[0]:
+        raise ValueError(f"latent statistics have {mean.numel()} channels, the latents {shape[0]} (--latent-stats)")
+    tmp = os.path.join(out, "latents_stats.pt.tmp")
+    torch.save({"mean": mean.view(1, -1, 1, 1), "std": std.view(1, -1, 1, 1)}, tmp)
+    os.replace(tmp, os.path.join(out, "latents_stats.pt"))
+    return {"channel_mean": mean.flatten().tolist(), "channel_std": std.flatten().tolist(), "stats_source": source}
+
+
 def write_index(out: str, shards, classes, shape, args) -> None:
     index = {"format": FORMAT, "shape": list(shape), "num_classes": len(classes),
              "num_samples": sum(len(s) for s in shards),
              "shards": [{"name": shard_name(i), "count": len(s)} for i, s in enumerate(shards)],
-             "vae": args.vae, "scale": VAES[args.vae], "shift": 0.0, "channel_mean": None, "channel_std": None,
+             "vae": args.vae, "scale": VAES[args.vae]["scale"], "shift": 0.0,
+             **latent_stats(out, shards, shape, args),
              "has_flip": bool(args.flip), "image_size": args.image_size, "classes": classes,
-             "posterior": "sample" if args.sample else "mean"}
+             "posterior": args.posterior}
     tmp = os.path.join(out, "index.json.tmp")
     with open(tmp, "w") as f:
         json.dump(index, f, indent=1)
@@ -175,13 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", required=True, help="ImageFolder root (<root>/<class>/<image>)")
     p.add_argument("--out", required=True, help="output directory (created; reruns resume)")
     p.add_argument("--vae", default="sd-vae-ft-ema", help=f"one of {', '.join(VAES)}")
-    p.add_argument("--vae-path", default=None, help="local weights directory for the diffusers VAE")
+    p.add_argument("--vae-path", default=None,
+                   help="weights: the VA-VAE checkpoint file (required), or a local diffusers directory")
+    p.add_argument("--latent-stats", default=None,
+                   help="VA-VAE: the released latents_stats.pt to normalise with (default: computed from the shards)")
     p.add_argument("--image-size", type=int, default=256, help="pixels (center crop)")
     p.add_argument("--shard-size", type=int, default=10000, help="images per shard")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored latent dtype")
-    p.add_argument("--flip", action="store_true", help="also store latents of the mirrored images")
-    p.add_argument("--sample", action="store_true", help="store a posterior sample instead of the mean")
+    p.add_argument("--dtype", default=None, choices=("float16", "float32"),
+                   help="stored latent dtype (default: float32 for the VA-VAE, as released; float16 otherwise)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also store latents of the mirrored images (default: on for the VA-VAE, off otherwise)")
+    p.add_argument("--posterior", default=None, choices=("sample", "mean"),
+                   help="store a posterior sample or its mean (default: sample for the VA-VAE, mean otherwise)")
+    p.add_argument("--sample", action="store_true", help="the same as --posterior sample")
     p.add_argument("--seed", type=int, default=0, help="seed of posterior samples")
     p.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto'")
     return p
@@ -192,6 +293,18 @@ def main(argv=None) -> int:
     from decm import distributed
 
     try:
+        if args.vae not in VAES:
+            raise ValueError(f"unknown --vae {args.vae!r}; choices: {', '.join(VAES)}")
+        if args.sample and args.posterior == "mean":
+            raise ValueError("--sample and --posterior mean contradict each other")
+        defaults = VAES[args.vae]
+        args.posterior = "sample" if args.sample else (args.posterior or defaults["posterior"])
+        args.flip = defaults["flip"] if args.flip is None else args.flip
+        args.dtype = args.dtype or defaults["dtype"]
+        if args.latent_stats and not defaults["channel_stats"]:
+            raise ValueError(f"--latent-stats applies to VAEs with per-channel statistics, not --vae {args.vae}")
+        if args.latent_stats:
+            released_stats(args.latent_stats)  # a missing file fails before any encoding
         if args.shard_size < 1 or args.batch_size < 1 or args.image_size < 8:
             raise ValueError("--shard-size and --batch-size must be ≥ 1 and --image-size ≥ 8")
         items, classes = list_images(args.image_folder)
@@ -214,7 +327,11 @@ def main(argv=None) -> int:
             print(f"encode_latents: error: shards not finished: {missing[:5]}", file=sys.stderr)
             return 1
         shape = np.load(os.path.join(args.out, shard_name(0) + ".latents.npy"), mmap_mode="r").shape[1:]
-        write_index(args.out, shards, classes, shape, args)
+        try:
+            write_index(args.out, shards, classes, shape, args)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"encode_latents: error: {e}", file=sys.stderr)
+            return 2
         print(f"[encode_latents] {sum(map(len, shards))} images → {len(shards)} shards, latent shape "
               f"{tuple(shape)} in {args.out}")
     distributed.shutdown()

@@ -8,10 +8,12 @@ On-disk format `decm-latents-v1` (written by `python -m decm.data.encode_latents
          "num_classes": 1000,
          "num_samples": N,
          "shards": [{"name": "shard-00000", "count": n0}, ...],   # in order; global index = shard offset + row
-         "vae": "sd-vae-ft-ema",        # what encoded them (informative)
+         "vae": "sd-vae-ft-ema",        # what encoded them (the decoder evaluation needs)
          "scale": 0.18215, "shift": 0.0, # model input = (latent − shift) · scale
-         "channel_mean": null, "channel_std": null,   # or per-channel lists: (latent − mean) / std instead
-         "has_flip": false}             # shard-*.latents_flip.npy present (latents of the mirrored images)
+         "channel_mean": null, "channel_std": null,   # or per-channel lists: (latent − mean) / std · scale instead
+         "has_flip": false,             # shard-*.latents_flip.npy present (latents of the mirrored images)
+         "posterior": "mean"}           # 'sample' or 'mean' of the encoder's posterior
+    <root>/latents_stats.pt              # VA-VAE: the statistics in LightningDiT's format ({'mean', 'std'}: 1×C×1×1)
     <root>/shard-00000.latents.npy       # float16 or float32, (n, C, H, W), raw VAE latents
     <root>/shard-00000.labels.npy        # int64, (n,)
     <root>/shard-00000.latents_flip.npy  # optional, (n, C, H, W)
@@ -122,22 +124,28 @@ class Latents(Dataset):
             self._arrays = (lat, lab, flip, offsets)
         return self._arrays
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latents → model inputs, with the index's scale/shift or per-channel statistics."""
+    def _channel_stats(self, x: torch.Tensor):
         index = self.check()
-        if index.get("channel_mean") is not None:
-            mean = torch.tensor(index["channel_mean"], dtype=x.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(index["channel_std"], dtype=x.dtype).view(1, -1, 1, 1)
-            return (x - mean) / std
+        if index.get("channel_mean") is None:
+            return None
+        mean = torch.tensor(index["channel_mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(index["channel_std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return mean, std
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents → model inputs: (x − mean) / std · scale with per-channel statistics (LightningDiT's
+        ImgLatentDataset, scale = latent_multiplier), else (x − shift) · scale."""
+        index, stats = self.check(), self._channel_stats(x)
+        if stats is not None:
+            return (x - stats[0]) / stats[1] * float(index.get("scale", 1.0))
         return (x - float(index.get("shift", 0.0))) * float(index.get("scale", 1.0))
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Model outputs → raw VAE latents (for decoding)."""
-        index = self.check()
-        if index.get("channel_mean") is not None:
-            mean = torch.tensor(index["channel_mean"], dtype=x.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(index["channel_std"], dtype=x.dtype).view(1, -1, 1, 1)
-            return x * std + mean
+        """Model outputs → raw VAE latents (for decoding): the inverse of `normalize` (LightningDiT's
+        inference.py: x · std / latent_multiplier + mean)."""
+        index, stats = self.check(), self._channel_stats(x)
+        if stats is not None:
+            return x * stats[1] / float(index.get("scale", 1.0)) + stats[0]
         return x / float(index.get("scale", 1.0)) + float(index.get("shift", 0.0))
 
     def read(self, indices: np.ndarray, use_flip: np.ndarray | None = None):

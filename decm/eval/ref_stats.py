@@ -3,7 +3,7 @@
 Sources:
   digits                 the scikit-learn digits (CPU-scale reference; extractor 'digits')
   folder:/path/to/train  an ImageFolder (ADM center crop to --image-size)
-  latents:/path/shards   decm-latents-v1 shards, decoded with --vae (e.g. sd-vae-ft-ema)
+  latents:/path/shards   decm-latents-v1 shards, decoded with --vae (e.g. vavae-f16d32 with --vae-path)
 Writes mu, sigma (ADM layout), up to --keep-features reference features (KID, precision/recall),
 the extractor name and n (decm/eval/fidelity.py). Bad input: one line, exit 2.
 """
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 
-def reference_images(source: str, n: int, image_size: int, vae: str | None, seed: int) -> torch.Tensor:
+def reference_images(source: str, n: int, image_size: int, vae: str | None, seed: int,
+                     vae_path: str | None = None) -> torch.Tensor:
     """Up to n reference images in [−1, 1] (N×C×H×W), a fixed random subset when there are more."""
     g = torch.Generator().manual_seed(seed)
     if source == "digits":
@@ -45,7 +46,7 @@ def reference_images(source: str, n: int, image_size: int, vae: str | None, seed
             raise ValueError("latents need --vae to decode them (e.g. sd-vae-ft-ema)")
         ds = Latents(path, shape=tuple(index["shape"]), num_classes=0)
         idx = torch.randperm(len(ds), generator=g)[:n].sort().values.numpy()
-        decoder = make_vae(vae, None).eval()
+        decoder = make_vae(vae, vae_path).eval()
         out = []
         for j in range(0, len(idx), 64):
             x, _ = ds.read(idx[j: j + 64])
@@ -66,13 +67,14 @@ def main(argv=None) -> int:
     p.add_argument("--keep-features", type=int, default=10000, help="features stored for KID / precision-recall")
     p.add_argument("--image-size", type=int, default=256, help="pixels (folder sources)")
     p.add_argument("--vae", default=None, help="decoder for latent sources")
+    p.add_argument("--vae-path", default=None, help="the decoder's weights (VA-VAE checkpoint file)")
     p.add_argument("--seed", type=int, default=0, help="subset seed")
     args = p.parse_args(argv)
     from decm.eval import fidelity
 
     try:
         weights = fidelity.resolve_weights(args.extractor, args.weights)
-        x = reference_images(args.source, args.n, args.image_size, args.vae, args.seed)
+        x = reference_images(args.source, args.n, args.image_size, args.vae, args.seed, args.vae_path)
         feats = fidelity.features(fidelity.to_uint8(x), args.extractor, weights)
         stats = fidelity.ReferenceStats.from_features(feats, args.extractor, args.keep_features)
         stats.extractor = fidelity.fidelity_name(args.extractor)
