@@ -31,8 +31,8 @@ def test_xl_dry_run_prints_params_config_and_sbatch_script(tmp_path, capsys):
                         "--bind", "cluster.partition = 'gpu'", "--bind", "cluster.account = 'proj'",
                         "--bind", "cluster.extra_sbatch = {'exclusive': True}"]) == 0
     out = capsys.readouterr().out
-    assert '"parameters": 676753952' in out                           # ≈675M SiT-XL/2 + the s-embedder
-    assert "sit.preset = 'XL/2'" in out                                # the resolved config
+    assert '"parameters": 676881056' in out                           # ≈675M LightningDiT-XL/1 + the s-embedder
+    assert "sit.preset = 'LightningDiT-XL/1'" in out                   # the resolved config: the paper's setup
     for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@180",
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --exclusive", "srun --unbuffered"):
         assert line in out, line
@@ -52,8 +52,9 @@ def test_multinode_fsdp_dry_run_prints_the_sbatch_script_and_the_per_gpu_estimat
     import torch
 
     with torch.device("meta"):
-        student = memory.shard_profile(sit("XL/2", input_size=32, in_channels=4, num_classes=1000))
-        teacher = memory.shard_profile(sit("XL/2", input_size=32, in_channels=4, num_classes=1000, flow_map=False))
+        student = memory.shard_profile(sit("LightningDiT-XL/1", input_size=16, in_channels=32, num_classes=1000))
+        teacher = memory.shard_profile(sit("LightningDiT-XL/1", input_size=16, in_channels=32, num_classes=1000,
+                                           flow_map=False))
     line = next(line for line in out.splitlines() if line.startswith("# distill: per-rank training state"))
     assert line == "# distill: " + memory.describe(student, 16, "fsdp", teacher, True)
     assert "fsdp over 16 ranks" in line and "params 0.17 GB" in line  # 677M × 4 B / 16
@@ -67,10 +68,22 @@ def test_fsdp_in_one_process_is_a_one_line_error_before_anything_runs(tmp_path, 
     assert err.count("\n") == 1 and "needs several processes" in err
 
 
-def test_lightningdit_dry_run_builds_xl_on_the_meta_device(capsys):
-    assert launch.main(["--gin", "gin/decm_xl_lightningdit.gin", "--dry-run", "--backend", "local"]) == 0
+def test_xl_dry_run_shows_the_papers_setup(capsys):
+    assert launch.main(["--gin", "gin/decm_xl.gin", "--dry-run", "--backend", "local"]) == 0
     out = capsys.readouterr().out
-    assert '"parameters": 67' in out and "[\n        32,\n        16,\n        16\n      ]" in out
+    assert '"parameters": 676881056' in out and "[\n        32,\n        16,\n        16\n      ]" in out
+    for line in ("sit.preset = 'LightningDiT-XL/1'", "distill/train.teacher_source = 'lightningdit'",
+                 "cfg.scale = 1.75", "cfg.guided_channels = None", "cfg.interval = (0.125, 1.0)",
+                 "latents.shape = (32, 16, 16)", "latents.flip = True", "evaluate.vae = 'vavae-f16d32'",
+                 "n2n_loss.lam = 0.5", "n2n/term.every = 3", "distill/train.lr = 0.0001"):
+        assert line in out, line
+
+
+def test_sit_xl_dry_run_builds_sit_xl2_on_sd_vae_latents(capsys):
+    assert launch.main(["--gin", "gin/decm_xl_sit.gin", "--dry-run", "--backend", "local"]) == 0
+    out = capsys.readouterr().out
+    assert '"parameters": 676753952' in out                           # ≈675M SiT-XL/2 + the s-embedder
+    assert "sit.preset = 'XL/2'" in out and "latents.shape = (4, 32, 32)" in out and "cfg.guided_channels = 3" in out
 
 
 @pytest.mark.parametrize("bind,needle", [
