@@ -382,3 +382,42 @@ def test_error_accumulation_pairs_the_two_runs_of_each_seed():
     assert table["paired"]["reference"] == "without N2N (FM + CD)" and st["n"] == 3
     assert math.isclose(st["mean"], 0.1, abs_tol=1e-12) and st["verdict"] == "worse"
     assert "## Paired: with N2N (DE-CM) − without N2N (FM + CD) (same seed)" in md
+
+
+def test_seed_variance_separates_late_fluctuation_from_the_spread_across_seeds(tmp_path):
+    """checkpoint_spread: a run oscillating late has a within-run sd the hand value gives; run_statistics
+    reads per-term late losses, gradient spikes and the NFE-1 metric from a run directory."""
+    seed_variance = load("seed_variance")
+
+    def run(trace, sw2):
+        return {"sw2": {"1": sw2}, "checkpoints": [{"step": 500 * (i + 1), "student": {"0→1": e}}
+                                                   for i, e in enumerate(trace)]}
+
+    results = {"decm/seed0": run([0.5, 0.3, 0.7, 0.3], 0.2), "decm/seed1": run([0.5, 0.4, 0.6, 0.4], 0.3),
+               "calm/seed0": run([0.5, 0.35, 0.35, 0.35], 0.1), "calm/seed1": run([0.5, 0.36, 0.36, 0.36], 0.1)}
+    spread = seed_variance.checkpoint_spread(results, last=3)
+    d = spread["decm"]
+    assert math.isclose(d["within_run_sd"]["seed0"], math.sqrt(((0.3 - 13 / 30) ** 2 + (0.7 - 13 / 30) ** 2
+                                                                + (0.3 - 13 / 30) ** 2) / 2), abs_tol=1e-12)
+    assert math.isclose(d["largest_late_jump_mean"], (0.4 + 0.2) / 2, abs_tol=1e-12)
+    assert math.isclose(d["final_err_sd_across_seeds"], math.sqrt(2 * 0.05 ** 2), abs_tol=1e-12)
+    assert spread["calm"]["within_run_sd_mean"] < 1e-12 and spread["calm"]["within_run_sd_vs_reference"]["n"] == 2
+    run_dir = tmp_path / "runs" / "toy2d" / "decm-seed3-abcdef012345"
+    run_dir.mkdir(parents=True)
+    stats = [{"step": 10 * i, "grad_norm": 50.0 if i == 4 else 1.0, "loss/cm": 0.5, **({"loss/n2n": float(i)} if i % 3 == 0 else {})}
+             for i in range(1, 11)]
+    (run_dir / "stats.jsonl").write_text("\n".join(json.dumps(s) for s in stats) + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps({"rows": [
+        {"model": "student", "sampler": "chain", "nfe": 1, "sw2": 0.25, "energy": 0.01},
+        {"model": "student", "sampler": "chain", "nfe": 2, "sw2": 0.5, "energy": 0.02}]}))
+    runs = seed_variance.ablation_runs(str(tmp_path / "runs"), "toy2d", ["decm"])
+    st = runs["decm"][3]
+    assert st["grad_spikes"] == 1 and st["grad_norm_max"] == 50.0 and st["grad_norm_median"] == 1.0
+    assert st["late loss/n2n"] == 9.0 and st["late loss/cm"] == 0.5  # late: steps > 80 → 90, 100; n2n at 90 only
+    assert st["NFE 1 sw2"] == 0.25 and st["NFE 1 energy"] == 0.01
+    out = tmp_path / "sv"
+    assert seed_variance.main(["--n2n-results", "", "--benchmark", "toy2d", "--runs-root", str(tmp_path / "runs"),
+                               "--rows", "decm", "--out", str(out)]) == 0
+    assert "| decm | 3 |" in (out / "table.md").read_text()
+    assert seed_variance.main(["--n2n-results", "", "--benchmark", "nope", "--runs-root", str(tmp_path / "runs"),
+                               "--out", str(out)]) == 2
