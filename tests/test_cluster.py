@@ -75,7 +75,8 @@ def test_xl_dry_run_shows_the_papers_setup(capsys):
     for line in ("sit.preset = 'LightningDiT-XL/1'", "distill/train.teacher_source = 'lightningdit'",
                  "cfg.scale = 1.75", "cfg.guided_channels = None", "cfg.interval = (0.125, 1.0)",
                  "latents.shape = (32, 16, 16)", "latents.flip = True", "evaluate.vae = 'vavae-f16d32'",
-                 "n2n_loss.lam = 0.5", "n2n/term.every = 3", "distill/train.lr = 0.0001"):
+                 "n2n_loss.lam = 0.5", "n2n/term.every = 3", "distill/train.lr = 0.0001",
+                 "distill/train.phema_sigma_rels = (0.05, 0.2)"):
         assert line in out, line
 
 
