@@ -81,9 +81,10 @@ def write_json(path: str, data: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description="Measure the disk size of a virtual environment by package group, and of wheel files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from decm import cli
+
+    p = cli.parser("python bench/install_size.py", __doc__)
     p.add_argument("--venv", default=".venv", help="virtual environment to measure")
     p.add_argument("--wheels", nargs="*", default=[], help="wheel files to measure (download and unpacked size)")
     p.add_argument("--out", default="bench/results/install.json", help="JSON file to write")

@@ -22,7 +22,6 @@ unexplained survivor.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,11 +33,23 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "bench", "results", "mutations.json")
 
-LOSS_TESTS = ("tests/test_fidelity.py", "tests/test_method.py", "tests/test_registry.py")
-SAMPLER_TESTS = ("tests/test_sampling.py", "tests/test_fidelity.py", "tests/test_registry.py")
+# The covering tests: whole files where they are quick, else the tests of the file that exercise the code.
+REGISTRY_METHOD = ("tests/test_registry.py::test_losses_from_gin_are_finite_per_sample",
+                   "tests/test_registry.py::test_selectors_from_gin")
+LOSS_TESTS = ("tests/test_fidelity.py", "tests/test_method.py") + REGISTRY_METHOD
+SAMPLER_TESTS = ("tests/test_sampling.py", "tests/test_fidelity.py",
+                 "tests/test_registry.py::test_samplers_return_finite_samples")
 GUIDANCE_TESTS = ("tests/test_fidelity.py", "tests/test_method.py")
-CHECKPOINT_TESTS = ("tests/test_faults.py", "tests/test_pipeline.py")
-EVAL_TESTS = ("tests/test_evaluate.py", "tests/test_registry.py")
+CHECKPOINT_TESTS = ("tests/test_checkpoint.py", "tests/test_faults.py::test_corrupt_checkpoints_fall_back_to_the_newest_valid_and_delete_nothing",
+                    "tests/test_faults.py::test_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous",
+                    "tests/test_pipeline.py::test_resume_is_bit_identical_to_uninterrupted")
+EVAL_TESTS = ("tests/test_evaluate.py::test_generation_is_identical_for_any_world_size",
+              "tests/test_evaluate.py::test_tune_and_final_reference_halves_are_disjoint_and_bad_parts_are_refused",
+              "tests/test_evaluate.py::test_evaluate_scores_against_the_reference_part_it_is_given",
+              "tests/test_evaluate.py::test_sample_noise_is_a_function_of_the_seed_and_the_sample_index",
+              "tests/test_evaluate.py::test_fid_equals_an_independent_frechet_distance_and_torch_fidelity_itself",
+              "tests/test_registry.py::test_metrics_vanish_on_identical_samples",
+              "tests/test_registry.py::test_energy_distance_and_sliced_wasserstein_by_hand")
 
 
 def m(name, path, old, new, tests, what, count=1, explained=None):
@@ -212,7 +223,10 @@ def verdict(code) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sys.path.insert(0, ROOT)
+    from decm import cli
+
+    ap = cli.parser("python bench/mutations.py", __doc__)
     ap.add_argument("--only", nargs="+", help="mutation names to run (default: all)")
     ap.add_argument("--list", action="store_true", help="print the mutations and exit")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")

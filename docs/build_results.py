@@ -202,8 +202,20 @@ def install(root: str = ROOT) -> list[str]:
     return table(["what", "size"], rows)
 
 
+def mutations(root: str = ROOT) -> list[str]:
+    """bench/mutations.py's result: each realistic bug, where it was put, and the test that caught it
+    (or why it survives)."""
+    data = load("bench/results/mutations.json", root)
+    rows = []
+    for r in data["mutations"]:
+        failing = r["first_failure"].split(" - ")[0].replace("FAILED ", "").replace("ERROR ", "")
+        detail = f"`{failing.split('::')[-1]}`" if r["status"] == "caught" and failing else (r["explained"] or "")
+        rows.append([r["what"], f"`{r['path']}`", r["status"], detail])
+    return table(["bug", "file", "status", "first failing test, or why it survives"], rows)
+
+
 GENERATED = {"headline": headline, "step_cost": step_cost, "step_parts": step_parts, "sampling": sampling,
-             "memory_totals": memory_totals, "first_hop": first_hop, "install": install}
+             "memory_totals": memory_totals, "first_hop": first_hop, "install": install, "mutations": mutations}
 
 
 # --------------------------------------------------------------------------------------- pages

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,8 @@ MODULES = ["decm.launch", "decm.evaluate", "decm.report", "decm.eval.ref_stats",
 SCRIPTS = ["analysis/ablation_table.py", "analysis/loss_divergence.py", "analysis/error_accumulation.py",
            "analysis/n2n_diagnostic.py", "analysis/run_table.py", "analysis/digits_nfe.py", "analysis/study_nfe.py",
            "bench/step_cost.py",
-           "bench/sampling.py", "bench/memory.py",
+           "bench/sampling.py", "bench/memory.py", "bench/mutations.py", "bench/install_size.py",
+           "docs/build_results.py",
            "sweeps/weight_sweep.py"]
 
 
@@ -52,6 +54,10 @@ def test_help_shows_defaults_and_documents_every_option(target, monkeypatch, cap
     with_default = [a for a in parser._actions if a.default not in (None, False, argparse.SUPPRESS, [])
                     and a.help != argparse.SUPPRESS and a.dest != "help"]
     assert not with_default or "(default: " in out, out
+    formatter = parser._get_formatter()  # its help strings hold '%(default)s' where argparse fills the default in
+    doubled = [a.dest for a in parser._actions
+               if a.help and len(re.findall(r"\(default(?!\))", formatter._get_help_string(a))) > 1]
+    assert not doubled and "(default: None)" not in out, doubled  # each default said once, never 'None'
 
 
 def test_timing_helper_is_not_a_command():

@@ -269,3 +269,52 @@ def test_tune_and_final_reference_halves_are_disjoint_and_bad_parts_are_refused(
         evaluate(str(tmp_path), dataset=data, backbone=None, reference_part="val")
     with pytest.raises(ValueError, match="cannot split the fixed statistics"):
         evaluate(str(tmp_path), dataset=data, backbone=None, reference_part="tune", ref_stats="ref.npz")
+
+
+def test_evaluate_scores_against_the_reference_part_it_is_given(tmp_path, monkeypatch):
+    """`evaluate()` itself (not only `draw_reference`) uses the part: the 2-D metrics receive exactly
+    draw_reference(…, part), and 'tune' and 'final' hand the metrics disjoint references; on images the
+    reference statistics are computed from the part's images (the extractor replaced by a cheap one)."""
+    import decm.eval.evaluate as ev
+    from decm import registry
+    from decm.data.builtin import Digits, GaussianMixture2D
+
+    registry.import_all()
+    seen = []
+    real_sw2 = ev.sliced_wasserstein
+    monkeypatch.setattr(ev, "sliced_wasserstein", lambda x, ref: (seen.append(ref.clone()), real_sw2(x, ref))[1])
+    data = GaussianMixture2D()
+    for part in ("tune", "final", "all"):
+        ev.evaluate(str(tmp_path), dataset=data, backbone=None, student_nfe=(), teacher_nfe=(1,), n_samples=300,
+                    seed=3, reference_part=part, out_dir=str(tmp_path / part))
+        assert torch.equal(seen[-1], ev.draw_reference(data, 300, 3, part)), part
+    tune, final, everything = seen
+    rows = lambda x: {bytes(r.numpy().tobytes()) for r in x}  # noqa: E731
+    assert not rows(tune) & rows(final) and rows(tune) != rows(everything)
+
+    class Zero(torch.nn.Module):  # a student that returns the noise unchanged
+        def forward(self, x, t, s, y=None):
+            return torch.zeros_like(x)
+
+    digits = Digits(image_size=8, conditional=True)
+    refs = []
+    monkeypatch.setattr(ev, "load_student", lambda *a, **k: (Zero(), 0))
+    monkeypatch.setattr(fidelity, "resolve_weights", lambda ext, path: "")
+    monkeypatch.setattr(fidelity, "features", lambda img, ext, w: {"feat": img.double().flatten(1)[:, :8]})
+    monkeypatch.setattr(fidelity, "layers", lambda ext: {"fid": "feat"})
+    monkeypatch.setattr(fidelity, "metrics", lambda gen, ref, *a, **k: (refs.append(ref.mu.copy()), {"fid": 0.0})[1])
+    for part in ("tune", "final"):
+        ev.evaluate(str(tmp_path), dataset=digits, backbone=None, student_nfe=(1,), teacher_nfe=(), n_samples=1797,
+                    reference_part=part, out_dir=str(tmp_path / f"digits-{part}"))
+        images = fidelity.to_uint8(ev.draw_reference(digits, 1797, 1234, part))
+        assert np.allclose(refs[-1], images.double().flatten(1)[:, :8].mean(0).numpy(), atol=1e-12), part
+    assert not np.allclose(refs[0], refs[1])
+
+
+def test_sample_noise_is_a_function_of_the_seed_and_the_sample_index():
+    from decm.eval.evaluate import sample_noise
+
+    batch = sample_noise([0, 1, 2, 3], (2, 3), seed=5)
+    assert torch.equal(sample_noise([2], (2, 3), seed=5)[0], batch[2])  # any batching draws the same z_i
+    assert len({bytes(r.numpy().tobytes()) for r in batch}) == 4  # and every index its own
+    assert not torch.equal(sample_noise([2], (2, 3), seed=6)[0], batch[2])

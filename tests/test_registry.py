@@ -103,3 +103,21 @@ def test_metrics_vanish_on_identical_samples():
     assert registry.get("metrics", "sliced_wasserstein")(x, x) == 0.0
     assert abs(registry.get("metrics", "energy_distance")(x, x)) < 1e-12
     assert registry.get("metrics", "sliced_wasserstein")(x, x + 1.0) > 0.9
+    # the order of the samples does not matter (both sides are sorted / all pairs are used)
+    perm = x[torch.randperm(500, generator=torch.Generator().manual_seed(1))]
+    assert registry.get("metrics", "sliced_wasserstein")(x, perm) < 1e-12
+    assert abs(registry.get("metrics", "energy_distance")(x, perm)) < 1e-12
+
+
+def test_energy_distance_and_sliced_wasserstein_by_hand():
+    """Two 1-D point sets (embedded in 2-D on the first axis): energy distance
+    2·E|X−Y| − E|X−X′| − E|Y−Y′| over all pairs (V-statistic), and W₂ of sorted points along θ = ±e₁."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    y = torch.tensor([[3.0, 0.0], [5.0, 0.0]])
+    exy = (3 + 5 + 2 + 4) / 4
+    exx, eyy = (0 + 1 + 1 + 0) / 4, (0 + 2 + 2 + 0) / 4
+    assert abs(registry.get("metrics", "energy_distance")(x, y) - (2 * exy - exx - eyy)) < 1e-12
+    # along any direction θ the sorted projections pair 0↔3 and 1↔5: W₂² = θ₁²·(9 + 16)/2
+    swapped = y.flip(0)
+    assert abs(registry.get("metrics", "sliced_wasserstein")(x, swapped)
+               - registry.get("metrics", "sliced_wasserstein")(x, y)) < 1e-12
