@@ -13,7 +13,6 @@ parameters and metrics, the count of rising trials, the elapsed seconds of the c
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -76,8 +75,9 @@ def table(studies: dict, metric: str, digits: int) -> tuple[str, int, int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python analysis/study_nfe.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from decm import cli
+
+    p = cli.parser("python analysis/study_nfe.py", __doc__)
     p.add_argument("sweeps", nargs="+", help="sweep directories (each with trials.csv)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--metric", default="fid", help="metric key in each trial's metrics.json (fid, sw2, …)")

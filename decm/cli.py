@@ -7,7 +7,14 @@ import argparse
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help; the description kept as written."""
+    """Defaults in the help (once: not when the text already says its default, nor for None); the
+    description kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "(default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def parser(prog: str | None, doc: str | None) -> argparse.ArgumentParser:

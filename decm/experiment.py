@@ -99,8 +99,10 @@ def experiment(
             with gin.config_scope("distill"):
                 summary["distill"] = train(run_dir=run_dir, stage="distill", teacher_checkpoint=teacher_ckpt,
                                            build_only=build_only, tracker=tracker)
-            if build_only and "teacher" not in stages and teacher_ckpt and not os.path.exists(teacher_ckpt):
-                summary["distill"]["missing_inputs"].append(f"teacher not found: {teacher_ckpt} (set experiment.teacher_dir)")
+            missing = summary["distill"].get("missing_inputs", []) if build_only else []
+            if build_only and "teacher" not in stages and teacher_ckpt and not os.path.exists(teacher_ckpt) \
+                    and not any(teacher_ckpt in m for m in missing):  # once, even when the loop named it already
+                missing.append(f"teacher not found: {teacher_ckpt} (set experiment.teacher_dir)")
         if preemption.requested():  # asked for after the loop's last check: its final checkpoint is on disk
             last = summary.get("distill") or summary.get("teacher") or {}
             raise preemption.stop_error("between stages", last.get("step", 0),

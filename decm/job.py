@@ -69,7 +69,8 @@ def suggestion(word: str, candidates, cutoff: float = 0.6) -> str:
 
 
 def did_you_mean(msg: str) -> str:
-    """Adds "did you mean …?" to gin's unknown-parameter and unknown-configurable errors."""
+    """Adds "did you mean …?" to gin's unknown-parameter, unknown-configurable and unknown-reference errors."""
+    import difflib
     import inspect
 
     import gin.config
@@ -82,6 +83,16 @@ def did_you_mean(msg: str) -> str:
         except (KeyError, TypeError, ValueError, AttributeError):
             params = []
         return msg + suggestion(m.group(2), params)
+    m = re.search(r"No configurable matching reference '@([^'(]+)(\(\))?'", msg)
+    if m:  # a component reference: '@time_samplers.logitnormal()' → '@time_samplers.logit_normal()'
+        word, call = m.group(1), m.group(2) or ""
+        module, _, name = word.rpartition(".")
+        names = [n for n in configurable_names() if n.startswith(module + ".")] or configurable_names()
+        short = {}  # compare the names' last parts (within the module, when one is given)
+        for n in names:
+            short.setdefault(n.rsplit(".", 1)[-1], n)
+        close = [short[c] for c in difflib.get_close_matches(name, list(short), n=2, cutoff=0.6)]
+        return msg + (f" — did you mean {' or '.join(repr('@' + c + call) for c in close)}?" if close else "")
     m = re.search(r"No configurable matching '([^']+)'", msg)
     if m:
         return msg + suggestion(m.group(1), configurable_names())

@@ -312,6 +312,10 @@ def worker(spec: SweepSpec, index: int = 0, workers: int = 1) -> int:
             study.tell(trial, value)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
+        except KeyboardInterrupt:  # Ctrl-C: the trial's run stopped at a checkpoint; WAITING hands the same
+            # trial (number, parameters, run directory) to the next `ask`, so a rerun resumes it
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)  # noqa: SLF001
+            raise
         except Exception as e:  # noqa: BLE001 — a failing trial must not stop the sweep
             cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"[sweep] worker {index} ({me}): trial {trial.number} failed: {cause}", file=sys.stderr, flush=True)
@@ -528,17 +532,40 @@ def wait_local(procs, timeout_s: float | None = None, progress=None) -> None:
         progress()
 
 
+def duration(seconds: float) -> str:
+    """'45s', '12m05s', '3h20m'."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class ProgressPrinter:
     """One line per trial as it starts and as it ends (number, state, value, run dir; the cause and the
-    worker log on failure), read from the study's storage by the parent process."""
+    worker log on failure), read from the study's storage by the parent process. Each end also says
+    how many of the study's trials are finished and, from the pace of this command, the time left."""
 
     def __init__(self, spec: SweepSpec, log_dir: str | None = None):
         self.spec, self.log_dir, self.seen = spec, log_dir, {}
+        self.t0, self.done0 = time.time(), None
+
+    def progress(self, study) -> str:
+        """'k/N finished, ETA 3m20s' (the ETA once this command has finished a trial)."""
+        done = finished(study)
+        if self.done0 is None:
+            self.done0 = done
+        left, new = max(self.spec.trials - done, 0), done - self.done0
+        eta = f", ETA {duration((time.time() - self.t0) / new * left)}" if new > 0 and left else ""
+        return f"{done}/{self.spec.trials} finished{eta}"
 
     def __call__(self) -> None:
         from optuna.trial import TrialState
 
         study = load_study(self.spec)
+        if self.done0 is None:
+            self.done0 = finished(study)
         for t in study.get_trials(deepcopy=False):
             state = t.state.name
             if self.seen.get(t.number) == state:
@@ -549,12 +576,16 @@ class ProgressPrinter:
             if t.state == TrialState.RUNNING:
                 print(f"[sweep] trial {t.number} started → {run_dir}", flush=True)
             elif t.state == TrialState.COMPLETE:
-                print(f"[sweep] trial {t.number} COMPLETE {self.spec.metric} = {t.value:.6g} → {run_dir}", flush=True)
+                print(f"[sweep] trial {t.number} COMPLETE {self.spec.metric} = {t.value:.6g} → {run_dir} "
+                      f"({self.progress(study)})", flush=True)
             elif t.state == TrialState.FAIL:
                 log = f" (log: {self.log_dir})" if self.log_dir else ""
                 print(f"[sweep] trial {t.number} FAIL: {t.user_attrs.get('error', 'worker died')}{log}", flush=True)
+            elif t.state == TrialState.WAITING:
+                if run_dir:  # interrupted (Ctrl-C): its run resumes when the command runs again
+                    print(f"[sweep] trial {t.number} interrupted at a checkpoint → {run_dir}", flush=True)
             else:
-                print(f"[sweep] trial {t.number} {state} → {run_dir}", flush=True)
+                print(f"[sweep] trial {t.number} {state} → {run_dir} ({self.progress(study)})", flush=True)
             self.seen[t.number] = state
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 DEFAULT_GIN = "sweeps/toy2d_sweep.gin"  # the documented default study (2-D benchmark, DE-CM weight space)
+
+
+def default_workers(backend: str) -> int:
+    """Local: one worker per 2 CPU cores (each trains with the other core's threads too), 1 to 4; Slurm: 2."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2)) if backend == "local" else 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", action="append", default=[], help="fixed extra binding (repeatable)")
     p.add_argument("--space", default="sweeps/spaces/decm_weights.py", help="space file (.py SPACE, .yaml, .json)")
     p.add_argument("--trials", type=int, default=12, help="finished (complete + pruned) trials to reach")
-    p.add_argument("--workers", type=int, default=2, help="parallel workers")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"parallel workers (default: local, one per 2 CPU cores, at most 4 — "
+                        f"{default_workers('local')} here; slurm, 2)")
     p.add_argument("--backend", default="local", choices=("local", "slurm"),
                    help="workers as local processes or a Slurm job array")
     p.add_argument("--cluster-gin", default=None, help="cluster.* resources per Slurm worker")
@@ -57,12 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
-    from decm import sweep
+    from decm import cli, sweep
+
+    if args.workers is None:
+        args.workers = default_workers(args.backend)
 
     if not args.gin and not args.reap and args.worker_index is None and args.study is None:
         args.gin = [DEFAULT_GIN]
         print(f"[sweep] no --gin given: the default study — {DEFAULT_GIN}, space {args.space}, {args.trials} trials, "
-              f"{args.workers} {args.backend} workers; outputs in sweeps/runs/toy2d_sweep/ (see --help)", flush=True)
+              f"{args.workers} {args.backend} worker{'s' if args.workers != 1 else ''}; outputs in sweeps/runs/toy2d_sweep/ (see --help)", flush=True)
     study_name = args.study or (os.path.splitext(os.path.basename(args.gin[-1]))[0] if args.gin else None)
     if not study_name:
         print("weight_sweep: error: give --gin FILE (or --study NAME for --reap)", file=sys.stderr)
@@ -72,7 +83,10 @@ def main(argv=None) -> int:
     if args.worker_index is not None:  # a local worker process
         with open(spec_path) as f:
             spec = sweep.SweepSpec.from_json(f.read())
-        sweep.worker(spec, args.worker_index, args.workers)
+        try:
+            sweep.worker(spec, args.worker_index, args.workers)
+        except KeyboardInterrupt as e:  # its trial is WAITING again: a rerun resumes it
+            return cli.interrupted(f"weight_sweep worker {args.worker_index}", e)
         return 0
     try:
         if args.reap or not args.gin:
@@ -117,6 +131,8 @@ def main(argv=None) -> int:
     except (sweep.SweepError, FileNotFoundError) as e:
         print(f"weight_sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # the workers checkpointed their trials (WAITING: a rerun resumes them)
+        return cli.interrupted("weight_sweep", e)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("files", "failures")}, indent=2, default=str))
     if summary["best"] is None:
         print(f"weight_sweep: error: no trial completed ({summary['states']}); causes:", file=sys.stderr)
@@ -135,11 +151,24 @@ def run_local(spec, workers: int, sweep_dir: str) -> None:
     procs = []
     for i in range(workers):
         log = open(os.path.join(sweep_dir, "workers", f"worker-{i}.log"), "a")
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))  # no oversubscription
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--sweep-dir", sweep_dir,
                                        "--study", spec.study, "--workers", str(workers), "--worker-index", str(i)],
-                                      stdout=log, stderr=subprocess.STDOUT))
+                                      stdout=log, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True))  # Ctrl-C reaches them once, from here
     print(f"[sweep] worker logs: {os.path.join(sweep_dir, 'workers')}/worker-<i>.log", flush=True)
-    sweep.wait_local(procs, progress=sweep.ProgressPrinter(spec, os.path.join(sweep_dir, "workers")))
+    try:
+        sweep.wait_local(procs, progress=sweep.ProgressPrinter(spec, os.path.join(sweep_dir, "workers")))
+    except KeyboardInterrupt:
+        print("[sweep] Ctrl-C: the workers write checkpoints at their next step boundary (Ctrl-C again to stop "
+              "waiting for them)", flush=True)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
 
 
 def run_slurm(spec, workers: int, cluster_gin: str | None) -> None:
@@ -154,11 +183,16 @@ def run_slurm(spec, workers: int, cluster_gin: str | None) -> None:
     ex = executor(resources, spec.sweep_dir)
     jobs = ex.map_array(sweep.slurm_worker, [spec.to_json()] * workers, list(range(workers)), [workers] * workers)
     print(f"[sweep] Slurm array {jobs[0].job_id.split('_')[0]} with {workers} task(s)", flush=True)
-    for job in jobs:
-        try:
-            job.result()
-        except Exception as e:  # noqa: BLE001 — a dead worker leaves its trial to the reaper
-            print(f"[sweep] worker job {job.job_id} failed: {type(e).__name__}", flush=True)
+    try:
+        for job in jobs:
+            try:
+                job.result()
+            except Exception as e:  # noqa: BLE001 — a dead worker leaves its trial to the reaper
+                print(f"[sweep] worker job {job.job_id} failed: {type(e).__name__}", flush=True)
+    except KeyboardInterrupt:  # only the waiting stops: the array goes on
+        print(f"\n[sweep] stopped waiting; Slurm array {jobs[0].job_id.split('_')[0]} keeps running "
+              f"(scancel it to stop; rerun this command to collect the outputs)", flush=True)
+        raise
 
 
 if __name__ == "__main__":

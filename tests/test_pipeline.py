@@ -103,8 +103,14 @@ def test_dry_run_trains_nothing(tmp_path, capsys):
       "--bind", "losses.n2n_loss.lam = 0.0"], "lam not used by form='discrete'"),
     (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "losses.cm_supervised.robust_c = 1.0"], "robust_c"),
     (["--gin", "gin/decm_xl.gin"], "2 missing input(s): (1) latents path is not set"),
+    (["--gin", "gin/decm_xl.gin", "--bind", "experiment.teacher_dir = '/nonexistent/teacher.pt'"],
+     "2 missing input(s): (1) latents path is not set"),  # the teacher once, not twice
     (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "distill/train.stpes = 3"], "did you mean 'steps'"),
     (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "losses.cm_los.target = 'x'"], "did you mean 'losses.cm_loss'"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "objectives.objective.time_sampler = @time_samplers.logitnormal()"],
+     "did you mean '@time_samplers.logit_normal()'"),
+    (["--gin", "gin/toy2d_exact_teacher.gin", "--bind", "objectives.objective.time_sampler = @logitnormal()"],
+     "did you mean '@time_samplers.logit_normal()'"),
 ])
 def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, argv, needle):
     run_dir = tmp_path / "bad"
