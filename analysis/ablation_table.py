@@ -199,10 +199,16 @@ def run_all(specs, backend: str, cluster_gin: str | None, finished_only: bool = 
     for spec in specs:  # validate everything and write the snapshots before running anything
         prepare(spec)
     if backend == "local":
-        for i, spec in enumerate(specs):
-            print(f"[ablation] {i + 1}/{len(specs)} {spec.run_dir}", file=sys.stderr, flush=True)
-            parse(spec.gin_files, spec.bindings)
-            run(spec)
+        from decm.progress import Countdown
+        from decm.wandb_log import one_sync_line
+
+        countdown = Countdown(len(specs), "ablation")
+        with one_sync_line("ablation"):  # one W&B line after all the runs
+            for spec in specs:
+                countdown.start(spec.run_dir)
+                parse(spec.gin_files, spec.bindings)
+                run(spec)
+                countdown.finish()
     else:
         from decm.cluster import ClusterSpec, cluster, submit, with_backend
 
@@ -576,4 +582,6 @@ def from_results(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from decm import cli
+
+    sys.exit(cli.main_exit("ablation_table", main))

@@ -325,4 +325,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from decm import cli
+
+    sys.exit(cli.main_exit("error_accumulation", main))

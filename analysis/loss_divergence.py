@@ -205,18 +205,24 @@ def main(argv=None) -> int:
 
             if args.seeds < 1:
                 raise ValueError("--seeds must be ≥ 1")
+            from decm.progress import Countdown
+            from decm.wandb_log import one_sync_line
+
             dirs, seeded = {}, {}
-            for seed in range(args.seed, args.seed + args.seeds):
-                for i, name in enumerate(names):
-                    spec = config_spec(args.benchmark, name, args.steps, seed, args.runs_root, args.bind)
-                    print(f"[loss_divergence] seed {seed}, {i + 1}/{len(names)} {name}", file=sys.stderr, flush=True)
-                    prepare(spec)
-                    parse(spec.gin_files, spec.bindings)
-                    run(spec)
-                    seeded.setdefault(name, {})[seed] = spec.run_dir
-                    if seed == args.seed:
-                        dirs[name] = spec.run_dir
-                    descriptions[name] = CONFIGS[name][2]
+            countdown = Countdown(args.seeds * len(names), "loss_divergence")
+            with one_sync_line("loss_divergence"):  # one W&B line after all the runs
+                for seed in range(args.seed, args.seed + args.seeds):
+                    for name in names:
+                        spec = config_spec(args.benchmark, name, args.steps, seed, args.runs_root, args.bind)
+                        countdown.start(f"seed {seed}, {name} → {spec.run_dir}")
+                        prepare(spec)
+                        parse(spec.gin_files, spec.bindings)
+                        run(spec)
+                        countdown.finish()
+                        seeded.setdefault(name, {})[seed] = spec.run_dir
+                        if seed == args.seed:
+                            dirs[name] = spec.run_dir
+                        descriptions[name] = CONFIGS[name][2]
     except (FileNotFoundError, ValueError) as e:
         print(f"loss_divergence: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -270,4 +276,6 @@ def write_over_seeds(by_seed: dict, out: str, descriptions: dict, args) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from decm import cli
+
+    sys.exit(cli.main_exit("loss_divergence", main))

@@ -415,4 +415,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from decm import cli
+
+    sys.exit(cli.main_exit("n2n_diagnostic", main))

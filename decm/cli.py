@@ -34,3 +34,12 @@ def interrupted(prog: str, e: BaseException) -> int:
     where = f"interrupted at step {step}" if step is not None else "interrupted"
     print(f"\n{prog}: {where}; rerun the same command to resume", file=sys.stderr, flush=True)
     return 130
+
+
+def main_exit(prog: str, main, argv=None) -> int:
+    """Runs a command's `main(argv)`; Ctrl-C anywhere in it ends with `interrupted`'s line and 130 (its
+    runs stopped at checkpoints; rerunning the command resumes them)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt as e:
+        return interrupted(prog, e)

@@ -4,7 +4,9 @@ Writes a self-contained `report.md` with figures under `figures/`: the metric-vs
 run × model × sampler × NFE, from each run's newest evaluation), the metric-vs-NFE plot, the loss
 curves (stats.jsonl; one panel per loss term, one line per run), each run's sample grid, and the gin
 diff of every run against the first (statement level). With `--wandb-report` the same content is built
-as a W&B Report (wandb-workspaces) and saved — that needs W&B online with a key.
+as a W&B Report (wandb-workspaces) over exactly these runs: published at once when W&B is online;
+offline, its spec is staged as `<out>/wandb_report.json` and published later, after `wandb sync` of the
+runs, with `python -m decm.report --publish <out>/wandb_report.json`.
 """
 
 from __future__ import annotations
@@ -162,45 +164,127 @@ def write_report(run_dirs, out: str) -> str:
     return path
 
 
-def build_wandb_report(run_dirs, project: str = "decm", entity: str | None = None):
-    """The W&B Report object (wandb-workspaces) with the local report's content; `.save()` publishes it."""
+SPEC_NAME = "wandb_report.json"  # the staged W&B report, beside report.md
+
+
+def report_spec(run_dirs, project: str = "decm", entity: str | None = None) -> dict:
+    """The W&B Report's content as plain data (no network): title, the runs' W&B ids, and blocks —
+    the metric table, one loss panel per loss key over exactly these runs, the gin diffs."""
+    runs = collect(run_dirs)
+    ids = []
+    for r in runs:
+        path = os.path.join(r["dir"], "wandb_id")
+        if os.path.exists(path):
+            with open(path) as f:
+                ids.append(f.read().strip())
+    blocks = [{"type": "h1", "text": f"DE-CM report: {', '.join(r['name'] for r in runs)}"},
+              {"type": "h2", "text": "Metrics vs NFE"}, {"type": "markdown", "text": table_markdown(runs)},
+              {"type": "h2", "text": "Loss curves"},
+              {"type": "panels", "plots": [{"title": k, "x": "distill/step", "y": [f"distill/{k}"], "log_y": True}
+                                           for k in loss_keys(runs)]},
+              {"type": "h2", "text": "Gin diff (against the first run)"}]
+    for r in runs[1:]:
+        blocks.append({"type": "code", "language": "markdown",
+                       "code": "\n".join(gin_diff(runs[0]["config"], r["config"])) or "(identical)"})
+    return {"format": "decm-wandb-report-v1", "title": "DE-CM report", "project": project, "entity": entity or "",
+            "run_dirs": [r["dir"] for r in runs], "run_ids": ids, "blocks": blocks}
+
+
+def report_from_spec(spec: dict):
+    """The wandb-workspaces Report object of a spec (built offline; `.save()` publishes it)."""
     import wandb_workspaces.reports.v2 as wr
 
-    runs = collect(run_dirs)
-    blocks = [wr.H1(text=f"DE-CM report: {', '.join(r['name'] for r in runs)}"),
-              wr.H2(text="Metrics vs NFE"), wr.MarkdownBlock(text=table_markdown(runs))]
-    keys = loss_keys(runs)
-    panels = [wr.LinePlot(title=k, x="distill/step", y=[f"distill/{k}"], log_y=True) for k in keys]
-    blocks += [wr.H2(text="Loss curves"),
-               wr.PanelGrid(runsets=[wr.Runset(entity=entity or "", project=project, name="runs")], panels=panels)]
-    blocks += [wr.H2(text="Gin diff (against the first run)")]
-    for r in runs[1:]:
-        blocks.append(wr.CodeBlock(code="\n".join(gin_diff(runs[0]["config"], r["config"])) or "(identical)",
-                                   language="markdown"))
-    return wr.Report(project=project, entity=entity or "", title="DE-CM report", blocks=blocks)
+    if spec.get("format") != "decm-wandb-report-v1":
+        raise ValueError(f"not a staged decm W&B report (format {spec.get('format')!r})")
+    ids = ", ".join(repr(i) for i in spec["run_ids"])
+    runset = wr.Runset(entity=spec["entity"], project=spec["project"], name="runs",
+                       **({"filters": f"Metric('ID') in [{ids}]"} if ids else {}))  # exactly the report's runs
+    make = {"h1": lambda b: wr.H1(text=b["text"]), "h2": lambda b: wr.H2(text=b["text"]),
+            "markdown": lambda b: wr.MarkdownBlock(text=b["text"]),
+            "code": lambda b: wr.CodeBlock(code=b["code"], language=b["language"]),
+            "panels": lambda b: wr.PanelGrid(runsets=[runset], panels=[
+                wr.LinePlot(title=p["title"], x=p["x"], y=list(p["y"]), log_y=p["log_y"]) for p in b["plots"]])}
+    return wr.Report(project=spec["project"], entity=spec["entity"], title=spec["title"],
+                     blocks=[make[b["type"]](b) for b in spec["blocks"]])
+
+
+def build_wandb_report(run_dirs, project: str = "decm", entity: str | None = None):
+    """The W&B Report object (wandb-workspaces) with the local report's content; `.save()` publishes it."""
+    return report_from_spec(report_spec(run_dirs, project, entity))
+
+
+def stage_wandb_report(run_dirs, out: str, project: str = "decm", entity: str | None = None) -> str:
+    """Writes the report's spec to `<out>/wandb_report.json` (atomically); returns its path."""
+    spec = report_spec(run_dirs, project, entity)
+    report_from_spec(spec)  # every block builds: a spec that stages also publishes
+    path = os.path.join(out, SPEC_NAME)
+    os.makedirs(out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(spec, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def publish(spec_path: str) -> str:
+    """Publishes a staged report (needs W&B online, and the runs uploaded); returns its URL, which is
+    also recorded in the spec file."""
+    from decm.wandb_log import resolve_mode
+
+    if not os.path.isfile(spec_path):
+        raise FileNotFoundError(f"no staged W&B report at {spec_path} (make one with --wandb-report)")
+    with open(spec_path) as f:
+        spec = json.load(f)
+    report = report_from_spec(spec)
+    if resolve_mode(None) != "online":
+        raise ValueError(f"--publish needs W&B online (set WANDB_API_KEY or run `wandb login`); {spec_path} is kept")
+    report.save()
+    spec["published_url"] = report.url
+    with open(spec_path + ".tmp", "w") as f:
+        json.dump(spec, f, indent=2)
+    os.replace(spec_path + ".tmp", spec_path)
+    return report.url
+
+
+def offline_folders(run_dirs) -> list[str]:
+    """The runs' offline W&B folders (what `wandb sync` uploads)."""
+    return sorted(p for d in run_dirs for p in glob.glob(os.path.join(d, "wandb", "offline-run-*")))
 
 
 def main(argv=None) -> int:
     from decm import cli
 
     p = cli.parser("python -m decm.report", __doc__)
-    p.add_argument("run_dirs", nargs="+", help="run directories")
+    p.add_argument("run_dirs", nargs="*", help="run directories")
     p.add_argument("--out", default="report", help="output directory")
-    p.add_argument("--wandb-report", action="store_true", help="also publish a W&B Report (needs W&B online)")
+    p.add_argument("--wandb-report", action="store_true",
+                   help=f"also build a W&B Report: published at once when W&B is online, else staged as "
+                        f"<out>/{SPEC_NAME} for --publish")
+    p.add_argument("--publish", default=None, metavar="SPEC",
+                   help=f"publish a staged report (<out>/{SPEC_NAME}) once online, after `wandb sync` of its runs")
     p.add_argument("--project", default="decm", help="W&B project of the report")
-    p.add_argument("--entity", default=None, help="W&B entity of the report")
+    p.add_argument("--entity", default=None, help="W&B entity of the report (default: the key's default)")
     args = p.parse_args(argv)
     try:
+        if args.publish:
+            if args.run_dirs or args.wandb_report:
+                raise ValueError("--publish takes only the staged spec (no run directories, no --wandb-report)")
+            print(f"W&B report → {publish(args.publish)}")
+            return 0
+        if not args.run_dirs:
+            raise ValueError("give at least one run directory (or --publish SPEC)")
         path = write_report(args.run_dirs, args.out)
         print(f"report → {path}")
         if args.wandb_report:
-            from decm.wandb_log import resolve_mode
+            from decm.wandb_log import resolve_mode, sync_command
 
-            if resolve_mode(None) != "online":
-                raise ValueError("--wandb-report needs W&B online (set WANDB_API_KEY or wandb login)")
-            report = build_wandb_report(args.run_dirs, args.project, args.entity)
-            report.save()
-            print(f"W&B report → {report.url}")
+            spec_path = stage_wandb_report(args.run_dirs, args.out, args.project, args.entity)
+            if resolve_mode(None) == "online":
+                print(f"W&B report → {publish(spec_path)}")
+            else:
+                folders = offline_folders(args.run_dirs)
+                sync = f"{sync_command(folders)} && " if folders else ""
+                print(f"W&B report staged → {spec_path} (W&B is offline); once online, publish it with:\n"
+                      f"  {sync}python -m decm.report --publish {spec_path}")
     except (FileNotFoundError, ValueError) as e:
         print(f"decm.report: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -532,16 +532,6 @@ def wait_local(procs, timeout_s: float | None = None, progress=None) -> None:
         progress()
 
 
-def duration(seconds: float) -> str:
-    """'45s', '12m05s', '3h20m'."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 class ProgressPrinter:
     """One line per trial as it starts and as it ends (number, state, value, run dir; the cause and the
     worker log on failure), read from the study's storage by the parent process. Each end also says
@@ -557,6 +547,8 @@ class ProgressPrinter:
         if self.done0 is None:
             self.done0 = done
         left, new = max(self.spec.trials - done, 0), done - self.done0
+        from decm.progress import duration
+
         eta = f", ETA {duration((time.time() - self.t0) / new * left)}" if new > 0 and left else ""
         return f"{done}/{self.spec.trials} finished{eta}"
 

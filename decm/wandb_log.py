@@ -9,13 +9,16 @@
 - Config: every parameter under the name users bind (`'distill/train.lr'`, `'cm/objectives.term.weight'`,
   `'losses.cm_loss.target'`): the bound values at start, the operative config (defaults such as
   `train.seed` included) after the first step; `config.gin` and `operative_config.gin` are saved as files.
-- Console: offline runs print one line (`wandb sync <folder>`) instead of W&B's summary. Scalars: every stats.jsonl record, under `<stage>/...` with
+- Console: offline runs print one line (`wandb sync <run_dir>/wandb/offline-run-*`, every attempt of
+  the run) instead of W&B's summary; scripts that train many runs print one such line at the end
+  (`one_sync_line`). Scalars: every stats.jsonl record, under `<stage>/...` with
   its own step axis `<stage>/step` (teacher and distillation steps both start at 0). Images: sample
   grids and NFE plots. Sweeps and ablations set `wandb.group` / `wandb.tags`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import uuid
@@ -183,4 +186,37 @@ class Tracker:
             self.run.finish()
             self.run = None
             if folder:  # offline: one line instead of W&B's console summary
-                print(f"[decm] W&B offline run: wandb sync {folder}", flush=True)
+                if _collected is not None:
+                    _collected.append(folder)
+                else:
+                    print(f"[decm] W&B offline run: {sync_command([folder])}", flush=True)
+
+
+_collected: list | None = None  # offline folders gathered by `one_sync_line` (None: print one line per run)
+
+
+def sync_command(folders) -> str:
+    """One `wandb sync` command that uploads these offline folders and every other attempt of their runs
+    (each resume or evaluation of a run starts a folder `<run_dir>/wandb/offline-run-*`; W&B appends the
+    attempts of one run id in order): path parts that differ between the runs become `*`."""
+    patterns = sorted({os.path.join(os.path.dirname(f), "offline-run-*") for f in folders})
+    parts = [p.split(os.sep) for p in patterns]
+    if len(patterns) > 1 and len({len(p) for p in parts}) == 1:
+        patterns = [os.sep.join(c[0] if len(set(c)) == 1 else "*" for c in zip(*parts))]
+    return "wandb sync " + " ".join(patterns)
+
+
+@contextlib.contextmanager
+def one_sync_line(prog: str = "decm"):
+    """Within the block, finished offline runs print nothing; at its end one line names them all and the
+    one command that uploads them (analysis scripts and sweeps that train many runs)."""
+    global _collected
+    outer, _collected = _collected, []
+    try:
+        yield
+    finally:
+        folders, _collected = _collected, outer
+        if folders:
+            runs = len({os.path.dirname(os.path.dirname(f)) for f in folders})
+            print(f"[{prog}] W&B: {runs} offline run{'s' if runs != 1 else ''}; upload with: "
+                  f"{sync_command(folders)}", flush=True)
