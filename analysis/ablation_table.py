@@ -370,8 +370,13 @@ def write_outputs(table, rels, results, out, benchmark, metric, seeds, rows_orde
     head = ["row"] + [f"{'chain' if s == 'chain' else 'Euler F(x,t,t)'} {n}" for s, n in COLUMNS]
     md = [f"# Ablation table — {benchmark}, {metric} (lower is better), seeds {list(seeds)}", ""]
     if missing:
-        md += [f"Partial: {len(missing)} of the runs have not finished ({', '.join(sorted(missing))}); every mean and "
-               "paired difference below uses the seeds that have.", ""]
+        by_row = {}
+        for name in missing:  # "<row>-seed<k>"
+            row, _, k = name.rpartition("-seed")
+            by_row.setdefault(row, []).append(int(k))
+        md += [f"Partial: {len(missing)} of the runs have not finished (" + "; ".join(
+            f"{LABELS.get(r, r)} seeds {', '.join(map(str, sorted(ks)))}" for r, ks in by_row.items()) +
+            "); every mean and paired difference below uses the seeds that have.", ""]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     with open(os.path.join(out, "table.csv"), "w") as f:
         f.write(",".join(["row"] + [f"{s}_{n}_{k}" for s, n in COLUMNS for k in ("mean", "std")]) + "\n")
