@@ -388,7 +388,7 @@ def save_picture(pictures: dict, reference, path: str, images: bool, num_classes
 def image_grid(x: torch.Tensor, num_classes: int) -> np.ndarray:
     """[−1, 1] N×C×H×W → H'×W'×3 in [0, 1]: rows of `num_classes` (or 8) images."""
     x = x[:64].float().clamp(-1, 1)
-    cols = max(min(num_classes, 10), 1) if num_classes else 8
+    cols = min(max(min(num_classes, 10), 1) if num_classes else 8, len(x))  # fewer samples: one row
     rows = max(len(x) // cols, 1)
     x = x[: rows * cols]
     if x.shape[1] == 1:
