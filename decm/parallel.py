@@ -11,14 +11,19 @@ its memory simply divides by the world size).
 The objective and the loop are the same code for every mode. The student handed to the objective is
 wrapped so that it looks like DDP to it: `.module` is what the JVP runs on (FSDP2's hooks all-gather
 each block's parameters inside `torch.func.jvp` / forward-AD under no-grad, with the lean tangent rules
-and MATH attention as always), and `no_sync()` defers the gradient reduction of backward-per-term to
-the last term (FSDP2's `set_requires_gradient_sync`, like DDP's `no_sync`).
+and MATH attention as always). Unlike DDP's, the wrapper has no `no_sync`: under backward-per-term
+every term's backward reduce-scatters its gradients into the shards, so no rank ever holds the whole
+model's unsharded gradients (turning the sync off until the last term, as DDP does, would keep them
+all — full size — from the first term's backward to the last; bench/fsdp_grad_memory.py measures
+both), and a step skipped after some terms leaves nothing behind that `zero_grad` does not clear.
 
-Precision under FSDP: on CUDA with `train.precision = 'bf16'` the compute runs under the loop's
-autocast as under DDP and gradients are reduced in fp32 (`MixedPrecisionPolicy(reduce_dtype=fp32)`).
-Parameters are all-gathered in fp32 by default (`gather_dtype='fp32'`) so that the JVP stays fp32 — a
-bf16 all-gather (`gather_dtype='bf16'`) halves that traffic but makes every forward, the JVP's
-included, compute with bf16 weights. On CPU everything is fp32.
+Precision: with `train.precision = 'bf16'` the compute runs under the loop's autocast as under DDP
+and gradients are reduced in fp32 (`MixedPrecisionPolicy(reduce_dtype=fp32)`). Parameters are
+all-gathered in fp32 by default (`gather_dtype='fp32'`). `gather_dtype='bf16'` gathers the blocks'
+parameters in bf16 (half that traffic; the blocks then compute with bf16 weights and inputs, the
+JVP's included); the root — embedders, final layer — is always gathered in fp32 and FSDP never casts
+the root's inputs, so the times t, s, their JVP tangents and the time embeddings stay fp32 in every
+mode (FSDP2's `cast_forward_inputs` on the root would round t = 0.999 to 1.0 in bf16).
 
 Limits (refused with a one-line error): 'fsdp' needs several processes; the JVP method 'fd' (it copies
 the module to float64) and 'forward_ad_grad' (FSDP2's post-backward autograd.Function has no
@@ -28,7 +33,6 @@ sharded JVP yet).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import gin
@@ -94,9 +98,10 @@ def fsdp_options(gather_dtype: str = "fp32", reshard_after_forward: bool = True)
     """FSDP2 options of `train.parallel = 'fsdp'`.
 
     Args:
-      gather_dtype: dtype of the all-gathered parameters on CUDA with train.precision = 'bf16': 'fp32'
-        (default; the JVP stays fp32, compute is bf16 through autocast) or 'bf16' (half the all-gather
-        traffic; every forward, the JVP's included, then uses bf16 weights). Ignored on CPU (fp32).
+      gather_dtype: dtype of the blocks' all-gathered parameters with train.precision = 'bf16': 'fp32'
+        (default; the JVP stays fp32, compute is bf16 through autocast) or 'bf16' (half the blocks'
+        all-gather traffic; the blocks then run every forward, the JVP's included, with bf16 weights;
+        the root, its time embedders and the time inputs stay fp32). Unused with precision 'fp32'.
       reshard_after_forward: free each block's gathered parameters after its forward (memory ∝ 1/world
         between forwards; the backward gathers again). False keeps them (fewer all-gathers, more memory).
     """
@@ -105,13 +110,18 @@ def fsdp_options(gather_dtype: str = "fp32", reshard_after_forward: bool = True)
     return {"gather_dtype": gather_dtype, "reshard_after_forward": bool(reshard_after_forward)}
 
 
-def mixed_precision(device: torch.device, precision: str, gather_dtype: str):
-    """The FSDP2 MixedPrecisionPolicy: fp32 reduction always; bf16 gathered parameters only on request (CUDA)."""
+def mixed_precision(precision: str, gather_dtype: str):
+    """The FSDP2 MixedPrecisionPolicy of the blocks and of the root: (blocks, root).
+
+    fp32 reduction always; with precision 'bf16' and gather_dtype 'bf16' the blocks gather (and take
+    their inputs) in bf16. The root never gathers in bf16 nor casts its inputs, so the times t, s and
+    their JVP tangents reach the time embedders in fp32 (on CPU as on CUDA)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if device.type != "cuda" or precision != "bf16":
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=GATHER_DTYPES[gather_dtype], reduce_dtype=torch.float32)
+    if precision != "bf16":
+        return MixedPrecisionPolicy(), MixedPrecisionPolicy()
+    root = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy(param_dtype=GATHER_DTYPES[gather_dtype], reduce_dtype=torch.float32), root
 
 
 def shard(module: nn.Module, world_size: int, device: torch.device, precision: str = "fp32",
@@ -122,10 +132,10 @@ def shard(module: nn.Module, world_size: int, device: torch.device, precision: s
 
     options = options or fsdp_options()
     mesh = init_device_mesh(device.type, (world_size,))
-    policy = mixed_precision(device, precision, options["gather_dtype"])
+    blocks_policy, root_policy = mixed_precision(precision, options["gather_dtype"])
     for block in block_list(module):
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=options["reshard_after_forward"])
-    fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=options["reshard_after_forward"])
+        fully_shard(block, mesh=mesh, mp_policy=blocks_policy, reshard_after_forward=options["reshard_after_forward"])
+    fully_shard(module, mesh=mesh, mp_policy=root_policy, reshard_after_forward=options["reshard_after_forward"])
     return module
 
 
@@ -133,8 +143,9 @@ class Sharded(nn.Module):
     """The face of an FSDP2-sharded student that the objective sees, the same as DDP's.
 
     `.module` is the sharded module itself (decm.method.jvp.unwrap returns it: the JVP runs through
-    FSDP's all-gather hooks under no-grad); `no_sync()` turns off the reduce-scatter for the terms
-    before the last under backward-per-term, so gradients accumulate unsharded and are reduced once.
+    FSDP's all-gather hooks under no-grad). There is deliberately no `no_sync()`: each term's backward
+    reduce-scatters into the shards, so gradient memory stays ≈ 1/world for the whole step (see the
+    module docstring).
 
     Args:
       module: a module already sharded by `shard`.
@@ -148,14 +159,6 @@ class Sharded(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        self.module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            self.module.set_requires_gradient_sync(True)
 
 
 def wrap(model: nn.Module, ema: nn.Module, teacher, mode: str, world_size: int, device: torch.device,
@@ -193,6 +196,27 @@ def is_sharded(tensor) -> bool:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor; the tensor itself otherwise."""
     return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def held_grad_bytes(module: nn.Module) -> int:
+    """Bytes of gradient storage this rank holds for `module`: the (local shards of the) parameters'
+    `.grad`, plus the unsharded gradients FSDP2 keeps on its gathered parameters between backwards
+    (when gradient sync is off). Checks and benchmarks of gradient memory use it."""
+    total = 0
+    for p in module.parameters():
+        if p.grad is not None:
+            g = local(p.grad)
+            total += g.numel() * g.element_size()
+    for m in module.modules():
+        get_state = getattr(m, "_get_fsdp_state", None)
+        group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
+        for fsdp_param in getattr(group, "fsdp_params", ()):
+            kept = [fsdp_param.unsharded_accumulated_grad]
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                kept.append(unsharded.grad)
+            total += sum(g.numel() * g.element_size() for g in kept if g is not None)
+    return total
 
 
 def sync_replicated_grads(params, world_size: int) -> None:

@@ -6,9 +6,15 @@ sentinel `<dir>/ckpt-00001000.dcp.ok` holding the file count and total bytes. Ev
 at any point leaves either a `.tmp` folder or a folder without (or with a mismatching) sentinel, and
 both are skipped: the newest *valid* checkpoint is the one resumed from, and nothing is deleted.
 
+Writing a step that already has a valid checkpoint (a preemption save right after a periodic save of
+the same step) never leaves that step without one: the old folder is first renamed, with a copy of
+its sentinel, to `ckpt-00001000.dcp.prev` (a valid checkpoint of the same step, taken only when the
+plain one is not valid), the new folder and sentinel go into place, and only then is `.prev` removed.
+
 DCP stores each tensor with its global shape, so a checkpoint written by 4 ranks loads into 2 (or 1:
-`load_full`, which needs no process group and is what evaluation, reports and DDP runs use; `python -m
-decm.export` writes it as a consolidated single-file checkpoint).
+`load_full`, which needs no process group, reads into memory without writing anything, and is what
+evaluation, reports and DDP runs use; `python -m decm.export` writes it as a consolidated single-file
+checkpoint).
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
 
-_NAME = re.compile(r"ckpt-(\d{8})\.dcp$")
+_NAME = re.compile(r"ckpt-(\d{8})\.dcp(\.prev)?$")
+PREV = ".prev"  # suffix of the previous checkpoint of a step, kept valid while that step is rewritten
 
 
 class CheckpointMismatchError(ValueError):
@@ -48,6 +54,41 @@ def _barrier():
         dist.barrier()
 
 
+def _write_sentinel(path: str) -> None:
+    n, size = _listing(path)
+    with open(_sentinel(path) + ".tmp", "w") as f:
+        f.write(f"{n} {size}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(_sentinel(path) + ".tmp", _sentinel(path))
+
+
+def _remove(path: str) -> None:
+    """Removes a checkpoint folder, its sentinel first (so that it is never valid while half deleted)."""
+    if os.path.exists(_sentinel(path)):
+        os.remove(_sentinel(path))
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Moves the complete folder `tmp` to `path` so that a valid checkpoint of the step exists at every instant."""
+    prev = path + PREV
+    if is_valid(path):  # the step is being rewritten: keep the old one valid (as `.prev`) until the new one is
+        _remove(prev)  # a leftover of an earlier rewrite; `path` is valid meanwhile
+        with open(_sentinel(path)) as src, open(_sentinel(prev) + ".tmp", "w") as dst:
+            dst.write(src.read())
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(_sentinel(prev) + ".tmp", _sentinel(prev))
+        os.replace(path, prev)  # atomic: from here `.prev` is the valid checkpoint of this step
+        os.remove(_sentinel(path))
+    elif os.path.exists(path) or os.path.exists(_sentinel(path)):
+        _remove(path)  # an invalid folder of this step (a crash before its sentinel): being replaced
+    os.replace(tmp, path)
+    _write_sentinel(path)
+    _remove(prev)
+
+
 def save(directory: str, step: int, state: dict, main: bool, keep_last: int = 0) -> str:
     """Collective: every rank calls it with its (sharded) state; returns the checkpoint folder."""
     import torch.distributed.checkpoint as dcp
@@ -64,28 +105,19 @@ def save(directory: str, step: int, state: dict, main: bool, keep_last: int = 0)
         for name in os.listdir(tmp):  # the data must be on disk before the sentinel says so
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-        if os.path.exists(_sentinel(path)):
-            os.remove(_sentinel(path))
-        shutil.rmtree(path, ignore_errors=True)  # same step rewritten (e.g. a preemption right after a save)
-        os.replace(tmp, path)
-        n, size = _listing(path)
-        with open(_sentinel(path) + ".tmp", "w") as f:
-            f.write(f"{n} {size}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(_sentinel(path) + ".tmp", _sentinel(path))
+        _publish(tmp, path)
         if keep_last > 0:
             for old in [p for p in candidates(directory) if is_valid(p)][keep_last:]:
-                os.remove(_sentinel(old))
-                shutil.rmtree(old)
+                _remove(old)
     _barrier()
     return path
 
 
 def candidates(directory: str) -> list[str]:
-    """Sharded checkpoint folders in `directory`, newest step first."""
-    paths = [p for p in glob.glob(os.path.join(directory, "ckpt-*.dcp")) if _NAME.search(p) and os.path.isdir(p)]
-    return sorted(paths, key=step_of, reverse=True)
+    """Sharded checkpoint folders in `directory`, newest step first (at one step the plain folder before
+    its `.prev`)."""
+    paths = [p for p in glob.glob(os.path.join(directory, "ckpt-*.dcp*")) if _NAME.search(p) and os.path.isdir(p)]
+    return sorted(paths, key=lambda p: (step_of(p), not p.endswith(PREV)), reverse=True)
 
 
 def step_of(path: str) -> int:
@@ -167,10 +199,13 @@ def load_into(path: str, state: dict) -> None:
 
 
 def load_full(path: str) -> dict:
-    """The whole checkpoint as one nested dict of full tensors (no process group needed)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """The whole checkpoint as one nested dict of full tensors, read into memory (no process group
+    needed, nothing written: a crash while reading leaves nothing behind)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
-        out = os.path.join(tmp, "full.pt")
-        dcp_to_torch_save(path, out)
-        return torch.load(out, map_location="cpu", weights_only=True)
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)  # what torch's dcp_to_torch_save does, without the file it writes
+    return state

@@ -166,7 +166,9 @@ class Objective(nn.Module):
       backward_per_term: the training loop runs each term's backward right after that term's forward,
         so only one term's activations are alive at a time (peak memory ≈ one with-grad forward
         instead of one per term). Same losses; gradients equal up to float summation order (tested).
-        Under DDP the terms before the last run under `no_sync`, so gradients are all-reduced once.
+        Under DDP the terms before the last run under `no_sync`, so gradients are all-reduced once;
+        under FSDP every term's backward reduce-scatters into the shards (the sharded wrapper has no
+        `no_sync`), so no rank holds the whole model's gradients during the step.
     """
 
     def __init__(self, terms=(), time_sampler=None, guidance=None, jvp_method: str = "autograd",
@@ -198,9 +200,10 @@ class Objective(nn.Module):
           backward: also run the backward pass, one term at a time (see `backward_per_term`); the
             returned total is then detached, and a term whose loss is non-finite raises
             NonFiniteTargetError before its backward.
-          agree: with `backward`, a function bool → bool that makes the per-term "non-finite" verdict
-            the same on every rank (decm.distributed.any_true), so all ranks skip together and none
-            waits in an all-reduce the others never reach.
+          agree: a function bool → bool that makes the per-term "non-finite" verdict the same on
+            every rank (decm.distributed.any_true), so all ranks skip together and none waits in an
+            all-reduce the others never reach — with or without `backward` (a rank whose targets are
+            non-finite must not leave the step while the others run the next term's collectives).
         """
         batch = x1.shape[0]
         z = torch.randn(x1.shape, generator=generator, dtype=x1.dtype).to(x1.device)
@@ -217,7 +220,7 @@ class Objective(nn.Module):
                 t, s = t.to(x1.device), s.to(x1.device)
                 ctx.selected[term.term_name] = (t, s)
                 if not backward:
-                    value = term.loss(ctx, t, s).mean()
+                    value = self._forward_term(term, ctx, t, s, agree)
                     total = total + term.weight * value
                 else:
                     value = self._backward_term(term, ctx, t, s, agree)
@@ -227,6 +230,20 @@ class Objective(nn.Module):
         stats["nan/masked_samples"] = ctx.nan_masked
         stats.update(ctx.stats)
         return total, stats, ctx
+
+    @staticmethod
+    def _forward_term(term, ctx, t, s, agree):
+        """One term's batch-mean loss (graph kept); with `agree`, a non-finite-targets verdict is made
+        the same on every rank before anything else runs, so all ranks stop at the same term."""
+        try:
+            value, bad = term.loss(ctx, t, s).mean(), False
+        except NonFiniteTargetError:
+            if agree is None:
+                raise
+            value, bad = None, True
+        if agree is not None and agree(bad):
+            raise NonFiniteTargetError(f"term {term.term_name!r}: non-finite targets; step skipped")
+        return value
 
     @staticmethod
     def _backward_term(term, ctx, t, s, agree):
