@@ -131,7 +131,9 @@ def study(run_dirs: dict, nfes, n: int, seed: int, ode_steps: int) -> dict:
     return results
 
 
-def write_outputs(results: dict, out: str, nfes) -> str:
+def write_outputs(results: dict, out: str, nfes, caption: str = "") -> str:
+    """table.md, table.csv, results.json and the figures of one set of runs; `caption` (e.g. which
+    training seed of several) heads the figures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,13 +185,16 @@ def write_outputs(results: dict, out: str, nfes) -> str:
         axes[0][j].legend(fontsize=6)
     axes[0][0].set_ylabel("RMS error to the exact trajectory (lower is better)", fontsize=8)
     axes[1][0].set_ylabel("RMS error of the hop alone (lower is better)", fontsize=8)
+    if caption:
+        fig.suptitle(caption, fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "hop_errors.png"), dpi=100)
     plt.close(fig)
     lines = [(f"{label} · {sampler}", [(k, by_nfe[str(k)]) for k in nfes])
              for label, res in results.items() for sampler, by_nfe in res["final"].items()]
     line_panels({"": lines}, os.path.join(out, "final_vs_nfe.png"), xlabel="NFE (function evaluations)",
-                ylabel="SW2 to the data (lower is better)", xlog="auto", marker="o", panel_size=(5.5, 3.6), xticks=nfes)
+                ylabel="SW2 to the data (lower is better)", xlog="auto", marker="o", panel_size=(5.5, 3.6), xticks=nfes,
+                suptitle=caption or None)
     return "\n".join(md)
 
 
@@ -311,7 +316,8 @@ def main(argv=None) -> int:
         print(f"error_accumulation: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     out = args.out or os.path.join("runs", "analysis", time.strftime("error_accumulation-%Y%m%d-%H%M%S"))
-    print(write_outputs(by_seed[0], out, args.nfe))  # the detailed tables and figures: training seed 0
+    caption = f"training seed 0 of {len(by_seed)} (statistics over the seeds: over_seeds.md)" if len(by_seed) > 1 else ""
+    print(write_outputs(by_seed[0], out, args.nfe, caption))  # the detailed tables and figures: training seed 0
     if len(by_seed) > 1:
         table, md = over_seeds(by_seed, args.nfe)
         with open(os.path.join(out, "over_seeds.json"), "w") as f:

@@ -105,7 +105,8 @@ def analyse(stats: list[dict], window=50, loss_factor=3.0, grad_factor=5.0) -> d
     return out
 
 
-def plots(named_stats: dict, summaries: dict, out: str) -> None:
+def plots(named_stats: dict, summaries: dict, out: str, caption: str = "") -> None:
+    """grad_parts.png, losses.png, divergence.png; `caption` says which runs they show (e.g. the seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,16 +129,21 @@ def plots(named_stats: dict, summaries: dict, out: str) -> None:
             ax.set_xlabel("training step")
             ax.set_ylabel("gradient norm (log scale)")
             ax.legend(fontsize=7)
+        if caption:
+            fig.suptitle(caption, fontsize=9)
         save(fig, os.path.join(out, "grad_parts.png"))
     lines = [(name, [(r["step"], r["loss/total"]) for r in st if "loss/total" in r]) for name, st in named_stats.items()]
     line_panels({"": lines}, os.path.join(out, "losses.png"), xlabel="training step",
-                ylabel="total loss (lower is better)", lw=0.7, panel_size=(6, 3.6))
+                ylabel="total loss of each configuration's own objective", lw=0.7, panel_size=(6, 3.6),
+                suptitle=caption or None, legend="figure")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = list(summaries)
     ax.bar(range(len(names)), [summaries[n]["divergence_rate"] for n in names])
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=40, ha="right", fontsize=7)
     ax.set_ylabel("divergence events / step")
+    if caption:
+        ax.set_title(caption, fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "divergence.png"), dpi=100)
     plt.close(fig)
@@ -230,7 +236,9 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     named = {n: read_stats(d) for n, d in dirs.items()}
     summaries = {n: analyse(st, args.window, args.loss_factor, args.grad_factor) for n, st in named.items()}
-    plots(named, summaries, out)
+    n_seeds = len(next(iter(seeded.values()), {})) if seeded else 1
+    plots(named, summaries, out, caption=f"training seed {args.seed} of {n_seeds} (statistics over the seeds: "
+                                         f"over_seeds.md)" if n_seeds > 1 else "")
     print(write_summary(summaries, out, descriptions))
     if len(next(iter(seeded.values()), {})) > 1:
         by_seed = {n: {sd: analyse(read_stats(d), args.window, args.loss_factor, args.grad_factor)

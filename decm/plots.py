@@ -42,11 +42,12 @@ def grid(n: int, ncols: int = 3, panel_size=(4.0, 3.2)):
     return fig, flat[:n]
 
 
-def save(fig, path: str, dpi: int = 100) -> None:
-    """Writes the figure atomically (temp file, then rename) and closes it."""
+def save(fig, path: str, dpi: int = 100, tight: bool = True) -> None:
+    """Writes the figure atomically (temp file, then rename) and closes it (`tight`: tight_layout first)."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
@@ -69,7 +70,7 @@ def mark_coinciding(lines):
 def line_panels(panels: dict, path: str, xlabel: str, ylabel: str | None = None, xlog: bool | str = False,
                 ylog: bool | str = "auto", marker: str | None = None, lw: float = 1.0, panel_size=(4.0, 3.2),
                 dpi: int = 100, legend_fontsize: int = 7, title_fontsize: int | None = None,
-                xticks=None, ncols: int = 3) -> bool:
+                xticks=None, ncols: int = 3, suptitle: str | None = None, legend: str = "panel") -> bool:
     """Writes line plots, one panel per entry, in a grid, atomically.
 
     Args:
@@ -87,17 +88,31 @@ def line_panels(panels: dict, path: str, xlabel: str, ylabel: str | None = None,
       title_fontsize: font size of the panel titles (None: matplotlib's default).
       xticks: x values to tick and label exactly (e.g. the NFEs used); None: matplotlib's ticks.
       ncols: panels per row.
+      suptitle: a line over the whole figure (e.g. which seed a multi-seed study shows).
+      legend: 'panel' (a legend in each panel) or 'figure' (one legend beside the grid, each label one
+        colour in every panel: many curves stay visible).
 
     Returns:
       False (and no file) when no panel has a line with points, else True.
     """
     if not any(pts for lines in panels.values() for _, pts in lines):
         return False
+    if legend not in ("panel", "figure"):
+        raise ValueError(f"legend must be 'panel' or 'figure', got {legend!r}")
     fig, axes = grid(len(panels), ncols, panel_size)
+    labels = list(dict.fromkeys(label for lines in panels.values() for label, pts in lines if pts))
+    colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    handles = {}
     for ax, (title, lines) in zip(axes, panels.items()):
         lines = mark_coinciding([(label, pts) for label, pts in lines if pts])
-        for label, pts in lines:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, lw=lw, label=label)
+        for (label, pts), (base, _) in zip(lines, [(lb, p) for lb, p in panels[title] if p]):
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, lw=lw, label=label,
+                              **({"color": colour[base]} if legend == "figure" else {}))
+            handles.setdefault(base, line)
+        same = [label for label, _ in lines if "(same as " in label]
+        if legend == "figure" and same:  # the figure legend has one entry per label: say it in the panel
+            ax.text(0.02, 0.02, "coincide: " + "; ".join(same), transform=ax.transAxes, fontsize=6, va="bottom",
+                    wrap=True)
         xs = [p[0] for _, pts in lines for p in pts]
         ys = [p[1] for _, pts in lines for p in pts]
         if title:
@@ -112,7 +127,15 @@ def line_panels(panels: dict, path: str, xlabel: str, ylabel: str | None = None,
             ax.set_xticks(list(xticks))
             ax.set_xticklabels([f"{x:g}" for x in xticks])
             ax.minorticks_off()
-        if len(lines) > 1 or (lines and lines[0][0]):
+        if legend == "panel" and (len(lines) > 1 or (lines and lines[0][0])):
             ax.legend(fontsize=legend_fontsize)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    if legend == "figure" and any(labels):
+        fig.tight_layout(rect=(0, 0, 0.78, 0.95 if suptitle else 1))
+        fig.legend([handles[lb] for lb in labels], labels, loc="center left", bbox_to_anchor=(0.79, 0.5),
+                   fontsize=legend_fontsize, frameon=False)
+        save(fig, path, dpi, tight=False)
+        return True
     save(fig, path, dpi)
     return True

@@ -94,10 +94,13 @@ def loss_keys(runs) -> list[str]:
 
 
 def plot_losses(runs, path: str) -> bool:
-    """Every loss/* key of the runs' stats vs step (log y when the values span decades), one panel per key."""
+    """Every loss/* key of the runs' stats vs step (log y when the values span decades), one panel per key,
+    one legend beside the panels. Each run's values belong to its own objective, so the y label claims
+    no comparison across runs."""
     panels = {key: [(r["name"], [(rec["step"], rec[key]) for rec in r["stats"] if key in rec]) for r in runs]
               for key in loss_keys(runs)}
-    return line_panels(panels, path, xlabel="training step", panel_size=(3.6, 3.0), title_fontsize=9)
+    return line_panels(panels, path, xlabel="training step", ylabel="value in the run's own objective",
+                       panel_size=(3.6, 3.0), title_fontsize=9, legend="figure")
 
 
 def plot_nfe(runs, path: str) -> bool:
@@ -143,7 +146,9 @@ def write_report(run_dirs, out: str) -> str:
     else:
         md += ["No evaluation found (run `python -m decm.evaluate RUN_DIR`).", ""]
     md += ["## Loss curves", ""]
-    md += ["![losses](figures/losses.png)", ""] if plot_losses(runs, os.path.join(fig_dir, "losses.png")) else \
+    md += ["Each run's losses are terms of its own objective: compare trends across runs, and levels only "
+           "between runs whose objectives agree (same terms, weights and normalisation).", "",
+           "![losses](figures/losses.png)", ""] if plot_losses(runs, os.path.join(fig_dir, "losses.png")) else \
           ["No stats.jsonl records.", ""]
     md += ["## Samples", ""]
     for r in runs:

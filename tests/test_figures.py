@@ -13,9 +13,9 @@ def saved(monkeypatch):
     figs = []
     original = plots.save
 
-    def capture(fig, path, dpi=100):
+    def capture(fig, path, dpi=100, **kwargs):
         figs.append(fig)
-        original(fig, path, dpi)
+        original(fig, path, dpi, **kwargs)
 
     monkeypatch.setattr(plots, "save", capture)
     return figs
@@ -41,6 +41,43 @@ def test_coinciding_curves_are_said_to_coincide(tmp_path, saved):
     plots.line_panels({"sw2": [("a", pts), ("b", list(pts))]}, str(tmp_path / "x.png"), xlabel="NFE")
     labels = [t.get_text() for t in saved[-1].axes[0].get_legend().get_texts()]
     assert labels == ["a", "b (same as a)"]
+
+
+def test_report_losses_have_one_legend_beside_the_panels_and_claim_no_comparison_across_objectives(tmp_path, saved):
+    from decm.report import plot_losses
+
+    runs = [{"name": f"run{i}", "stats": [{"step": s, "loss/total": 1.0 / (s + i), "loss/cm": 0.5 / (s + i)}
+                                           for s in (1, 2, 3)]} for i in range(6)]
+    assert plot_losses(runs, str(tmp_path / "losses.png"))
+    fig = saved[-1]
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [f"run{i}" for i in range(6)]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # the saved figure is closed: draw it again to measure its layout
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)  # covers no curve
+    assert [ln.get_color() for ln in fig.axes[0].lines] == [ln.get_color() for ln in fig.axes[1].lines]
+    assert all(ax.get_ylabel() == "value in the run's own objective" for ax in fig.axes)
+
+
+def test_a_figure_of_one_seed_of_several_says_which(tmp_path, saved):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "analysis", "loss_divergence.py")
+    spec = importlib.util.spec_from_file_location("loss_divergence", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    stats = [{"step": s, "loss/total": 1.0 / s, "grad/cm_sup": 1.0, "grad/cm_self": 2.0} for s in range(1, 6)]
+    summaries = {"cd_only": {"divergence_rate": 0.1}, "cd_fm": {"divergence_rate": 0.0}}
+    mod.plots({"cd_only": stats, "cd_fm": stats}, summaries, str(tmp_path), caption="training seed 0 of 3")
+    titled = [f for f in saved if f._suptitle is not None and f._suptitle.get_text() == "training seed 0 of 3"]
+    assert len(titled) == 2  # grad_parts.png and losses.png
+    assert os.path.exists(tmp_path / "divergence.png")
 
 
 def test_many_panels_are_a_grid_not_a_strip(tmp_path, saved):
