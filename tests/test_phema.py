@@ -87,7 +87,8 @@ def flat(state, names):
 
 # Tolerance of a reconstruction against the directly tracked profile, relative to how far apart the two
 # input profiles are (the size of what choosing the EMA length changes): 60 steps, a snapshot every 3.
-RECONSTRUCTION_RTOL = 0.02
+# Measured: 8.3e-5 (σ_rel 0.1 from 0.05 and 0.2); reconstructing 0.15 instead lands 0.34 away.
+RECONSTRUCTION_RTOL = 1e-3
 
 
 def test_reconstruction_of_a_directly_tracked_sigma_rel_equals_it(tmp_path):
@@ -107,7 +108,7 @@ def test_reconstruction_of_a_directly_tracked_sigma_rel_equals_it(tmp_path):
     assert float((flat(other, names) - direct).norm()) > 5 * float(err)
     # a tracked input reconstructs (almost) itself
     own, _ = phema.reconstruct(ckpt_dir, 0.2, inputs=(0.05, 0.2))
-    assert float((flat(own, names) - flat(last["profile_2"], names)).norm()) < RECONSTRUCTION_RTOL * float(spread)
+    assert float((flat(own, names) - flat(last["profile_2"], names)).norm()) < 1e-6 * float(spread)
 
 
 class CrashingData:
