@@ -262,7 +262,11 @@ def main(argv=None) -> int:
                 return 0
             try:
                 summary = job.result()
-            except KeyboardInterrupt:  # only the waiting stops; the job goes on
+            except KeyboardInterrupt as e:  # Slurm: only the waiting stops, the job goes on
+                if resources.backend != "slurm":  # a local subprocess got the Ctrl-C too and saved a checkpoint
+                    from decm.cli import interrupted
+
+                    return interrupted("decm.launch", e)
                 print(f"\ndecm.launch: stopped waiting; {resources.backend} job {job.job_id} keeps running "
                       f"(its log: {folder_for(resources, run_dir)}/{job.job_id}/)", file=sys.stderr)
                 return 130
