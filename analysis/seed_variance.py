@@ -14,8 +14,9 @@ Two sources, each optional:
   oscillating one-step map happens to be when training stops, not a property of the seed.
 - finished ablation runs (analysis/ablation_table.py) of `--rows` under `<runs-root>/<benchmark>/`: each
   run's training statistics from stats.jsonl (logged every few steps): the per-term losses averaged over the
-  last 20% of training, the gradient norm's median and maximum and the number of spikes (> 10× the run's
-  median), next to the run's final metric at NFE 1 (SW2 and energy distance), per seed.
+  last 20% of training, the gradient norm's median and maximum (before clipping), the number of spikes
+  (> 10× the run's median) and the step of the last one, next to the run's final metric at NFE 1 (SW2 and
+  energy distance), per seed.
 
 Writes `<out>/table.md` and `results.json`. Sample sds use ddof = 1. Lower is better for every error.
 """
@@ -87,6 +88,8 @@ def run_statistics(run_dir: str) -> dict | None:
     out = {"steps": records[-1]["step"], "grad_norm_median": median,
            "grad_norm_max": float(grads.max()) if grads.size else None,
            "grad_spikes": int((grads > SPIKE_FACTOR * median).sum()) if grads.size else None,
+           "last_spike_step": max((r["step"] for r in records if r.get("grad_norm", 0.0) > SPIKE_FACTOR * median),
+                                  default=None) if grads.size else None,
            "late_grad_norm_median": float(np.median([r["grad_norm"] for r in late if "grad_norm" in r])) if late else None}
     for term in sorted({k for r in records for k in r if k.startswith("loss/")}):
         vals = [r[term] for r in late if term in r]

@@ -413,6 +413,7 @@ def test_seed_variance_separates_late_fluctuation_from_the_spread_across_seeds(t
     runs = seed_variance.ablation_runs(str(tmp_path / "runs"), "toy2d", ["decm"])
     st = runs["decm"][3]
     assert st["grad_spikes"] == 1 and st["grad_norm_max"] == 50.0 and st["grad_norm_median"] == 1.0
+    assert st["last_spike_step"] == 40
     assert st["late loss/n2n"] == 9.0 and st["late loss/cm"] == 0.5  # late: steps > 80 → 90, 100; n2n at 90 only
     assert st["NFE 1 sw2"] == 0.25 and st["NFE 1 energy"] == 0.01
     out = tmp_path / "sv"
