@@ -207,3 +207,21 @@ def test_vavae_checkpoint_loading_keeps_the_autoencoder_and_names_wrong_keys(tmp
         load_vavae(str(tmp_path / "broken.pt"), ch=32)
     with pytest.raises(ValueError, match="mis-shaped"):
         load_vavae(path, ch=64)  # width 64 expected, the file holds width 32
+
+
+def test_vavae_trainer_checkpoint_is_refused_weights_only_and_its_weights_kept_by_the_extract_command(tmp_path, capsys):
+    import argparse
+
+    from decm.models import vavae
+
+    path = vavae_checkpoint(tmp_path / "trainer.pt", seed=2)
+    obj = torch.load(path, weights_only=True)
+    obj["hyper_parameters"] = argparse.Namespace(embed_dim=32)  # not a tensor or primitive: refused weights-only
+    torch.save(obj, path)
+    with pytest.raises(ValueError, match=r"python -m decm.models.vavae .*trainer.pt .*trainer-weights.pt"):
+        vavae.load_vavae(path, ch=32)
+    assert vavae.main([path, str(tmp_path / "trainer-weights.pt")]) == 0
+    model = vavae.load_vavae(str(tmp_path / "trainer-weights.pt"), ch=32)
+    assert all(torch.equal(v, obj["state_dict"][k]) for k, v in model.state_dict().items())
+    assert vavae.main([str(tmp_path / "absent.pt"), str(tmp_path / "x.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -13,12 +13,16 @@ up-sampling is nearest 2× then a 3×3 convolution.
 Our module keeps the official parameter names (`encoder.down.{i}.block.{j}.conv1.weight`, …), so a
 released checkpoint (`vavae-imagenet256-f16d32-dinov2.pt`, a `{'state_dict': ...}` dict that also holds
 the training loss's and the vision foundation model's weights) loads by name; `load_vavae` keeps only
-the autoencoder's keys and reports missing or mis-shaped ones in one line.
+the autoencoder's keys and reports missing or mis-shaped ones in one line. Checkpoints are read with
+weights-only unpickling; a training checkpoint that holds other objects (a trainer's state) is refused,
+and `python -m decm.models.vavae IN.pt OUT.pt` — full unpickling, for a file you trust — keeps only the
+autoencoder's tensors in OUT.pt, which then loads weights-only.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -247,7 +251,9 @@ def load_vavae(path: str, option: str = "--vae-path", **config) -> VAVAE:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — any unpickling problem is a bad file
-        raise ValueError(f"cannot read VA-VAE checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        raise ValueError(f"cannot read VA-VAE checkpoint {path} with weights-only loading ({type(e).__name__}); "
+                         f"if you trust the file, keep its weights once: python -m decm.models.vavae {path} "
+                         f"{os.path.splitext(path)[0]}-weights.pt") from None
     state = autoencoder_state(obj)
     model = VAVAE(**{**F16D32, **config})
     own = model.state_dict()
@@ -260,3 +266,33 @@ def load_vavae(path: str, option: str = "--vae-path", **config) -> VAVAE:
         raise ValueError(f"{path} is not a VA-VAE f16d32 checkpoint: " + "; ".join(parts))
     model.load_state_dict(state)
     return model.eval().requires_grad_(False)
+
+
+def main(argv=None) -> int:
+    """python -m decm.models.vavae IN.pt OUT.pt: the autoencoder's tensors of a trusted checkpoint, weights-only."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m decm.models.vavae",
+                                description="Keep the VA-VAE weights of a trusted checkpoint (full unpickling) in a "
+                                            "file that loads weights-only.")
+    p.add_argument("src", help="the released checkpoint (e.g. vavae-imagenet256-f16d32-dinov2.pt); unpickled in full")
+    p.add_argument("dst", help="output file: {'state_dict': autoencoder tensors}")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.src):
+        print(f"decm.models.vavae: error: {args.src} does not exist", file=sys.stderr)
+        return 2
+    try:
+        state = autoencoder_state(torch.load(args.src, map_location="cpu", weights_only=False))
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        tmp = args.dst + ".tmp"
+        torch.save({"state_dict": state}, tmp)
+        os.replace(tmp, args.dst)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"decm.models.vavae: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"{len(state)} tensors → {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
