@@ -225,3 +225,13 @@ def test_vavae_trainer_checkpoint_is_refused_weights_only_and_its_weights_kept_b
     assert all(torch.equal(v, obj["state_dict"][k]) for k, v in model.state_dict().items())
     assert vavae.main([str(tmp_path / "absent.pt"), str(tmp_path / "x.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluation_without_the_vavae_checkpoint_names_the_setting(tmp_path):
+    from decm.eval.evaluate import make_decoder
+
+    ds = Latents(write_latents(tmp_path / "lat", shape=(32, 2, 2), num_classes=3), shape=(32, 2, 2), num_classes=3)
+    with pytest.raises(FileNotFoundError, match=r"set evaluate.vae_path or --vae-path"):
+        make_decoder(ds, "vavae-f16d32", None)
+    with pytest.raises(FileNotFoundError, match=r"'/nonexistent/vavae.pt' \(set evaluate.vae_path"):
+        make_decoder(ds, "vavae-f16d32", "/nonexistent/vavae.pt")

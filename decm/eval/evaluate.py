@@ -110,7 +110,7 @@ def make_decoder(dataset, vae: str | None, vae_path: str | None = None, device="
         raise ValueError("latent samples need a decoder: set evaluate.vae (e.g. 'vavae-f16d32' or 'sd-vae-ft-ema')")
     from decm.data.encode_latents import make_vae
 
-    model = make_vae(vae, vae_path, "evaluate.vae_path").to(device).eval()
+    model = make_vae(vae, vae_path, "evaluate.vae_path or --vae-path").to(device).eval()
     return lambda x: model.decode(dataset.denormalize(x.float().to(device))).clamp(-1, 1).cpu()
 
 
