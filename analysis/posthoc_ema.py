@@ -13,7 +13,7 @@ NFE 1/2/4, the same noise everywhere). The teacher is shared by all seeds. `--te
 a checkpoint every 50 steps); the run directories are named by the budget.
 
 Resumable: a finished run is reused, an unfinished one resumes (decm.launch), a finished evaluation
-(its metrics.json) is read back. Results are written after every evaluation, so a partial run leaves
+(its metrics.json) is read back; `--collect` only reads what has finished (no training, no evaluation). Results are written after every evaluation, so a partial run leaves
 a table of what has finished. Writes `<out>/results.json` (every FID, the reconstruction coefficients
 and the σ_rel equivalent of the fixed-decay EMA), `<out>/table.md` (mean ± sd over seeds and per seed).
 """
@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -64,9 +63,11 @@ def train_run(run_dir: str, seed: int, every: int, budget: list[str]) -> None:
     run(cmd)
 
 
-def fids(run_dir: str, out: str, extra: list[str]) -> dict:
+def fids(run_dir: str, out: str, extra: list[str], collect: bool = False) -> dict | None:
     path = os.path.join(out, "metrics.json")
     if not os.path.exists(path):
+        if collect:
+            return None
         run([sys.executable, "-m", "decm.evaluate", run_dir, "--nfe", *map(str, NFES), "--teacher-nfe",
              "--metrics", "fid", "--n", "1797", "--no-wandb", "--out", out, *extra])
     with open(path) as f:
@@ -125,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sigma-rels", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--every", type=int, default=20, help="post-hoc EMA snapshot period (steps)")
+    p.add_argument("--collect", action="store_true", help="tables from finished runs and evaluations only")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: the quickstart's)")
     p.add_argument("--distill-steps", type=int, default=None, help="distillation steps (default: the quickstart's)")
     p.add_argument("--runs-root", default=os.path.join(ROOT, "runs", "analysis", "posthoc_ema-digits"))
@@ -157,26 +159,32 @@ def main(argv=None) -> int:
     results.setdefault("seconds", {})
     for seed in args.seeds:
         run_dir = os.path.join(runs_root, f"seed{seed}")
-        t0 = time.time()
+        if args.collect and not os.path.exists(os.path.join(run_dir, "summary.json")):
+            continue
         train_run(run_dir, seed, args.every, budget)
-        results["seconds"].setdefault(str(seed), {})["train"] = results["seconds"].get(str(seed), {}).get(
-            "train", round(time.time() - t0, 1))
+        with open(os.path.join(run_dir, "summary.json")) as f:  # wall time of the distillation (shared machine)
+            results["seconds"][str(seed)] = {"distill": round(json.load(f)["distill"]["seconds"], 1)}
         cell = results["fid"].setdefault(str(seed), {})
-        cell["raw"] = fids(run_dir, os.path.join(run_dir, "eval-raw"), ["--raw"])
-        write(args.out, results, args.sigma_rels)
-        cell["ema"] = fids(run_dir, os.path.join(run_dir, "eval-ema"), [])
-        write(args.out, results, args.sigma_rels)
+
+        def put(name, value):
+            if value is not None:
+                cell[name] = value
+                write(args.out, results, args.sigma_rels)
+
+        put("ema", fids(run_dir, os.path.join(run_dir, "eval-ema"), [], args.collect))
         for s in args.sigma_rels:
             target = os.path.join(run_dir, "posthoc", f"sigma_rel-{s:.3f}")
             from decm import checkpoint
 
             if checkpoint.latest_valid(target, verbose=False)[0] is None:
+                if args.collect:
+                    continue
                 run([sys.executable, "-m", "decm.phema", "--run-dir", run_dir, "--sigma-rel", str(s), "--out", target])
             _, info = phema.reconstruct(os.path.join(run_dir, "checkpoints"), s)
             results["coefficients"].setdefault(str(seed), {})[f"{s:.3f}"] = {
                 "snapshot_steps": info["snapshot_steps"], "coefficients": info["coefficients"]}
-            cell[f"phema-{s:.3f}"] = fids(run_dir, os.path.join(target, "eval"), ["--checkpoint", target])
-            write(args.out, results, args.sigma_rels)
+            put(f"phema-{s:.3f}", fids(run_dir, os.path.join(target, "eval"), ["--checkpoint", target], args.collect))
+        put("raw", fids(run_dir, os.path.join(run_dir, "eval-raw"), ["--raw"], args.collect))  # last: the least needed
         print(table(results, args.sigma_rels), flush=True)
     return 0
 
