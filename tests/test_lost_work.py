@@ -99,3 +99,37 @@ def test_slurm_backend_with_an_unreachable_controller_is_one_line_exit_2_and_cre
     assert len(err) == 1 and err[0].startswith("decm.launch: error: backend 'slurm': the Slurm controller does not "
                                                "answer (sinfo: slurm_load_partitions: Unable to contact"), err
     assert not os.path.exists(run_dir)
+
+
+def test_ctrl_c_in_a_sweep_trial_leaves_it_waiting_and_a_rerun_resumes_the_same_trial(tmp_path, monkeypatch):
+    from optuna.trial import TrialState
+
+    from decm import preemption, sweep
+
+    spec = sweep.SweepSpec(("gin/toy2d_exact_teacher.gin",), (), {"distill/train.lr": {
+        "type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, str(tmp_path / "sw"), "t", trials=1)
+    seen = []
+
+    def interrupted(spec_, study, trial):  # the trial's training loop saw Ctrl-C and wrote its checkpoint
+        seen.append((trial.number, trial.suggest_float("distill/train.lr", 1e-4, 1e-2, log=True)))
+        raise preemption.Interrupted(7, "ckpt")
+
+    monkeypatch.setattr(sweep, "run_trial", interrupted)
+    try:
+        sweep.worker(spec)
+    except preemption.Interrupted:
+        pass
+    else:
+        raise AssertionError("the interrupt must reach the command (exit 130)")
+    study = sweep.load_study(spec)
+    assert [t.state for t in study.get_trials()] == [TrialState.WAITING]  # neither FAIL nor a dangling RUNNING
+    assert sweep.reap(study) == []
+
+    def resumed(spec_, study, trial):
+        seen.append((trial.number, trial.suggest_float("distill/train.lr", 1e-4, 1e-2, log=True)))
+        return 0.5
+
+    monkeypatch.setattr(sweep, "run_trial", resumed)
+    assert sweep.worker(spec) == 1
+    assert seen[1] == seen[0]  # the same trial: number (so run directory) and parameters
+    assert [(t.number, t.state) for t in sweep.load_study(spec).get_trials()] == [(0, TrialState.COMPLETE)]
