@@ -1,32 +1,42 @@
-"""Per-rank training-state memory and step time, DDP vs FSDP (train.parallel), measured and computed.
+"""Per-rank peak memory during the training step, DDP vs FSDP, measured on CPU ranks and predicted.
 
-    python bench/memory.py [--presets tiny small-cpu] [--worlds 1 2 4] [--steps 3] [--out DIR]
+    python bench/memory.py [--presets tiny small-cpu] [--worlds 1 2 4] [--out DIR]
 
-Measured (CPU, gloo, one process per rank, `OMP_NUM_THREADS=1` each): for each SiT preset and world
-size, the student (from a perturbed teacher) is trained with the full DE-CM objective (all three terms,
-CFG 1.5 with clipping, backward per term, clipping, AdamW, EMA) exactly as decm.parallel sets it up —
-world 1: one process; otherwise DDP, and FSDP with the teacher sharded. After the steps each rank
-counts the bytes of its own tensors: parameters, gradients, AdamW moments (exp_avg, exp_avg_sq), the
-EMA and the teacher (local shards under FSDP); the table gives the largest rank. Step time: the median
-over the timed steps of the slowest rank.
+Measured (CPU, gloo, one process per rank, one thread each): for each SiT preset and world size the
+platform's own training loop, `decm.train.train`, distils a flow-map student from a perturbed random
+teacher (decm checkpoint) with the full DE-CM objective — all three terms (N2N on steps 0 and 3), CFG
+w = 1.5 with velocity clipping η = 1, backward per term, gradient clipping 1.0, AdamW, EMA — for 5
+steps, batch 4 per rank on 4 × 16 × 16 inputs. Configurations, all on the same data, seed and batch:
+world 1 one process ('none'); at each world > 1 'ddp' (teacher replicated), 'fsdp' (teacher
+replicated, as under DDP) and 'fsdp' with `train.shard_teacher` ('fsdp+st').
 
-Computed (meta device, decm.memory): XL/2, LightningDiT-XL/1 and the 2B/2 preset at world 1, 8 and 16,
-from their parameter shapes. The measured rows also carry the computed value, so the model of the
-computation is checked against real tensors.
+Each step is a window opened when the loop calls the objective (after `zero_grad`, so no gradient is
+held at its start) and closed when it calls it again; the peak of steps 1–3 is reported (step 0 runs
+before AdamW has its moments; step 4's window would include the final checkpoint). Every
+configuration runs twice in fresh processes:
+  1. tensor peak per rank — `torch.profiler` memory events (bench/_peak.py): the largest number of
+     bytes held by live tensors at any instant of the step, the counterpart of CUDA's
+     `max_memory_allocated`; also the bytes held when the step starts (the resident state);
+  2. RSS peak per rank and step time, without the profiler — VmHWM reset at each step through
+     /proc/self/clear_refs; step time: the mean of steps 1–3 (one of them runs N2N: amortised), the
+     slowest rank.
 
-Target (issue #16): FSDP's params + grads + optimizer bytes ≤ 1.1 × DDP's / world + the unsharded
-remainder (the objective's replicated learnable parameters). Writes `<out>/memory.json` and
-`<out>/memory.md` (default out: bench/results).
+Predicted (decm/memory.py): resident state + gradients + the FSDP transient unit + the activations
+saved by one with-grad forward (traced with fake tensors) + the backward's temporaries. Each measured
+row carries its prediction and the ratio measured / predicted. Computed rows (no measurement): XL/2,
+LightningDiT-XL/1 and 2B/2 at world 1, 8 and 16, batch 32 per GPU, fp32 and bf16-autocast activations.
+
+Step times come from a shared 2-core machine unless stated otherwise: read the FSDP/DDP ratio, not the
+seconds. Writes `<out>/memory.json` and `<out>/memory.md` (default out: bench/results).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
 import socket
-import statistics
+import subprocess
 import sys
 import time
 
@@ -38,14 +48,24 @@ IMAGE = dict(input_size=16, in_channels=4, num_classes=10)  # latent-like CPU in
 COMPUTED = [("XL/2", dict(input_size=32, in_channels=4, num_classes=1000)),
             ("LightningDiT-XL/1", dict(input_size=16, in_channels=32, num_classes=1000)),
             ("2B/2", dict(input_size=32, in_channels=4, num_classes=1000))]
+COMPUTED_BATCH = 32  # per GPU, as gin/decm_xl.gin
 BATCH_PER_RANK = 4
-PARTS = ("params", "grads", "optimizer", "ema", "teacher")
+STEPS = 5            # windows 1–3 are measured (see the module docstring)
+MEASURED_STEPS = (1, 2, 3)
+CFG_SCALE, CFG_CLIP = 1.5, 1.0
+# (label, train.parallel, train.shard_teacher)
+MODES = {"none": ("none", False), "ddp": ("ddp", False), "fsdp": ("fsdp", False), "fsdp+st": ("fsdp", True)}
 
 
-def _nbytes(tensors) -> int:
-    from decm.parallel import local
+class RandomLatents:
+    """Gaussian 'latents' with uniform labels, drawn from the step's generator (shape and classes of IMAGE)."""
 
-    return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
+    shape = (IMAGE["in_channels"], IMAGE["input_size"], IMAGE["input_size"])
+    num_classes = IMAGE["num_classes"]
+
+    def batch(self, n, generator=None):
+        x = torch.randn((n, *self.shape), generator=generator)
+        return x, torch.randint(0, self.num_classes, (n,), generator=generator)
 
 
 def _port() -> int:
@@ -54,134 +74,125 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank, world, port, preset, mode, steps, out):
-    """One rank: build, train `steps` + 1 steps, count bytes, time steps; rank 0 writes the JSON row."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
+def backbone(preset: str):
+    from decm.models.sit import sit
 
-    from decm import distributed, parallel, train_state
+    def build(**kwargs):
+        return sit(preset, time_scale=1.0, **kwargs)
+    return build
+
+
+def write_teacher(preset: str, directory: str) -> str:
+    """A perturbed random velocity SiT saved as a decm run's checkpoint (its EMA weights)."""
+    from decm import checkpoint
+
+    torch.manual_seed(0)
+    net = backbone(preset)(**IMAGE, flow_map=False)
+    for p in net.parameters():  # DiT init zeroes the output layers: make every path non-trivial
+        p.data.add_(0.02 * torch.randn_like(p))
+    checkpoint.save(os.path.join(directory, "checkpoints"), 1, {"ema": net.state_dict()})
+    return directory
+
+
+def objective():
     from decm.method.guidance import CFG
     from decm.method.objective import decm_objective
-    from decm.method.teachers import NetworkTeacher
-    from decm.models.build import student_from_teacher
-    from decm.models.sit import sit
-    from decm.seeding import step_generator
 
-    info = distributed.init("cpu") if world > 1 else distributed.DistInfo()
-    torch.manual_seed(0)
-    teacher_net = sit(preset, flow_map=False, time_scale=1.0, **IMAGE)
-    for p in teacher_net.parameters():
-        p.data.add_(0.02 * torch.randn_like(p))
-
-    class Data:
-        shape, num_classes = (IMAGE["in_channels"], IMAGE["input_size"], IMAGE["input_size"]), IMAGE["num_classes"]
-
-    student = student_from_teacher(lambda **kw: sit(preset, time_scale=1.0, **kw), Data, teacher_net)
-    teacher = NetworkTeacher(teacher_net)
-    ema = copy.deepcopy(student).eval().requires_grad_(False)
-    objective = decm_objective(guidance=CFG(scale=1.5, clip_norm=1.0))
-    wrapped = parallel.wrap(student, ema, teacher, mode, world, info.device, shard_teacher=mode == "fsdp")
-    groups = train_state.param_groups(student, objective)
-    params = [p for g in groups for p in g["params"]]
-    extra = groups[1]["params"] if len(groups) > 1 else []  # the objective's replicated parameters
-    opt = torch.optim.AdamW(groups, lr=1e-4)
-
-    def agree(bad):
-        return distributed.any_true(bad, info)
-
-    times = []
-    for step in range(steps + 1):
-        g = step_generator(0, rank, step)
-        x1 = torch.randn((BATCH_PER_RANK, *Data.shape), generator=g)
-        y = torch.randint(0, Data.num_classes, (BATCH_PER_RANK,), generator=g)
-        distributed.barrier(info)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        objective(wrapped, teacher, x1, y, step, g, backward=True, agree=agree)
-        parallel.sync_replicated_grads(extra, world)
-        parallel.clip_grad_norm(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), student.parameters()):
-                p_ema.lerp_(p.detach(), 0.001)
-        elapsed = torch.tensor([time.perf_counter() - t0])
-        if world > 1:
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if step > 0:  # the first step builds the optimizer state and warms up
-            times.append(float(elapsed))
-    moments = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
-    counts = torch.tensor([float(_nbytes([*student.parameters(), *extra])),
-                           float(_nbytes(p.grad for p in [*student.parameters(), *extra])),
-                           float(_nbytes(moments)), float(_nbytes(ema.parameters())),
-                           float(_nbytes(teacher_net.parameters()))], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        row = {"preset": preset, "world": world, "mode": mode, **{k: int(v) for k, v in zip(PARTS, counts.tolist())},
-               "replicated_numel": sum(p.numel() for p in extra),
-               "step_seconds": statistics.median(times), "steps_timed": len(times)}
-        with open(out, "w") as f:
-            json.dump(row, f)
-    distributed.shutdown()
+    return decm_objective(guidance=CFG(scale=CFG_SCALE, clip_norm=CFG_CLIP))
 
 
-def measure(preset: str, world: int, mode: str, steps: int, tmp: str) -> dict:
+def worker(rank, world, port, preset, label, teacher_dir, run_dir, profiled, out):
+    """One rank: the training loop with a window per step; writes its windows to `out`-<rank>.json."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    if world == 1:
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(k)
+    torch.set_num_threads(1)
+    from bench._peak import Windows
+
+    windows = Windows(torch.device("cpu"), tensors=profiled, rss=True)  # before anything is allocated
+    from decm.distributed import shutdown
+    from decm.train import train
+
+    parallel, shard_teacher = MODES[label]
+    obj = objective()
+    obj.register_forward_pre_hook(lambda module, args: windows.mark(f"step{args[4]}"))
+    try:
+        summary = train(run_dir, stage="distill", dataset=RandomLatents(), backbone=backbone(preset), objective=obj,
+                        teacher_source="checkpoint", teacher_checkpoint=teacher_dir, steps=STEPS,
+                        batch_size=BATCH_PER_RANK, lr=1e-4, grad_clip=1.0, ema_decay=0.999,
+                        ckpt_every_steps=10 * STEPS, log_every_steps=1, keep_last=1, progress=False, device="cpu",
+                        parallel=parallel, shard_teacher=shard_teacher)
+        windows.mark("end")
+        import gc
+
+        gc.collect()  # FSDP's modules hold reference cycles: free them before the profile ends
+        windows.all_freed_at_close = True
+        windows.close()
+    finally:
+        shutdown()
+    with open(f"{out}-{rank}.json", "w") as f:
+        json.dump({"windows": windows.result(), "rss_reset": windows.rss_reset_works(),
+                   "unrecorded_frees": windows.unrecorded_frees,
+                   "parallel": summary["parallel"], "world_size": summary["world_size"]}, f)
+
+
+def run(preset, world, label, teacher_dir, tmp, profiled) -> list[dict]:
+    """Runs one configuration in fresh processes; returns each rank's record."""
     import torch.multiprocessing as mp
 
-    out = os.path.join(tmp, f"{preset.replace('/', '_')}-{world}-{mode}.json")
-    if world == 1:
-        worker(0, 1, 0, preset, mode, steps, out)
-    else:
-        mp.start_processes(worker, args=(world, _port(), preset, mode, steps, out), nprocs=world, start_method="spawn")
-    with open(out) as f:
-        return json.load(f)
+    tag = f"{preset.replace('/', '_')}-{world}-{label}-{'prof' if profiled else 'time'}"
+    out, run_dir = os.path.join(tmp, tag), os.path.join(tmp, tag + "-run")
+    mp.start_processes(worker, args=(world, _port(), preset, label, teacher_dir, run_dir, profiled, out),
+                       nprocs=world, start_method="spawn")
+    records = []
+    for r in range(world):
+        with open(f"{out}-{r}.json") as f:
+            records.append(json.load(f))
+    return records
 
 
-def computed(preset: str, kwargs: dict, world: int, mode: str, shard_teacher: bool, replicated_numel: int = 0) -> dict:
+def summarise(prof: list[dict], timed: list[dict]) -> dict:
+    """The row's measured numbers: per-rank peaks (max over steps 1–3) and the slowest rank's step time."""
+    steps = [f"step{s}" for s in MEASURED_STEPS]
+    tensor_peak = [max(r["windows"][s]["tensor_peak"] for s in steps) for r in prof]
+    tensor_start = [r["windows"][steps[0]]["tensor_start"] for r in prof]
+    rss_peak = [max(r["windows"][s]["rss_peak"] for s in steps) for r in timed]
+    per_step = {s: max(r["windows"][s]["tensor_peak"] for r in prof) for s in ["step0", *steps]}
+    seconds = [sum(r["windows"][s]["seconds"] for s in steps) / len(steps) for r in timed]
+    return {"peak": max(tensor_peak), "peak_per_rank": tensor_peak, "resident_at_step_start": max(tensor_start),
+            "peak_per_step": per_step, "rss_peak": max(rss_peak), "rss_peak_per_rank": rss_peak,
+            "rss_reset_worked": all(r["rss_reset"] for r in timed), "step_seconds": max(seconds),
+            "parallel": prof[0]["parallel"]}
+
+
+def predicted(preset: str, kwargs: dict, world: int, label: str, batch: int, autocast_dtype=None) -> dict:
     from decm import memory
-    from decm.models.sit import sit
 
-    with torch.device("meta"):
-        student = memory.shard_profile(sit(preset, flow_map=True, **kwargs))
-        teacher = memory.shard_profile(sit(preset, flow_map=False, **kwargs))
-    return memory.per_rank(student, world, mode, teacher, shard_teacher, replicated_numel)
-
-
-def with_target(rows: list[dict]) -> None:
-    """Adds 'state' (params + grads + optimizer), and for FSDP rows the DDP reference, the target and the
-    verdict (the DDP row of the same preset and world; computed rows: DDP computed)."""
-    from decm import memory
-
-    for r in rows:
-        r["state"] = r["params"] + r["grads"] + r["optimizer"]
-    for r in rows:
-        if r["mode"] != "fsdp":
-            continue
-        ddp = next(d for d in rows if d["mode"] == "ddp" and d["preset"] == r["preset"] and d["world"] == r["world"]
-                   and d["kind"] == r["kind"])
-        r["ddp_state"] = ddp["state"]
-        r["target"] = memory.target(ddp["state"], r["world"], 16 * r.get("replicated_numel", 0))
-        r["within_target"] = r["state"] <= r["target"]
-        r["state_ratio_to_ddp_over_world"] = r["state"] / (ddp["state"] / r["world"])
-        if "step_seconds" in r:
-            r["step_time_ratio_to_ddp"] = r["step_seconds"] / ddp["step_seconds"]
+    mode, shard_teacher = MODES[label]
+    return memory.predict_step_peak(backbone(preset), kwargs, batch, world, mode, teacher=True,
+                                    shard_teacher=shard_teacher, autocast_dtype=autocast_dtype)
 
 
 def table(rows: list[dict]) -> str:
     def gb(b):
-        return f"{b / 1e9:.3f}" if b >= 1e8 else f"{b / 1e6:.2f} MB"
+        return f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"
 
-    lines = ["Bytes per rank (the largest rank), GB unless marked MB; state = params + grads + AdamW moments.", "",
-             "| preset | how | world | mode | params | grads | AdamW | EMA | teacher | state ÷ (DDP ÷ world) | "
-             "within target | step time vs DDP |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Per-rank peak during the training step (largest rank), and its prediction (decm/memory.py).", "",
+             "| preset | world | mode | batch/rank | measured peak | RSS peak | predicted peak | measured ÷ predicted "
+             "| of which: resident | grads | FSDP unit | activations | step time vs DDP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r['state_ratio_to_ddp_over_world']:.3f}" if "state_ratio_to_ddp_over_world" in r else "—"
-        ok = ("yes" if r["within_target"] else "NO") if "within_target" in r else "—"
+        p = r["predicted"]
+        meas = gb(r["peak"]) if "peak" in r else "—"
+        rss = gb(r["rss_peak"]) if "rss_peak" in r else "—"
+        ratio = f"{r['peak'] / p['peak']:.3f}" if "peak" in r else "—"
         speed = f"{r['step_time_ratio_to_ddp']:.2f}×" if "step_time_ratio_to_ddp" in r else "—"
-        lines.append(f"| {r['preset']} | {r['kind']} | {r['world']} | {r['mode']} | " + " | ".join(
-            gb(r[k]) for k in PARTS) + f" | {ratio} | {ok} | {speed} |")
+        mode = r["mode"] + (f" ({r['precision']})" if r.get("precision") else "")
+        lines.append(f"| {r['preset']} | {r['world']} | {mode} | {r['batch_per_rank']} | {meas} | {rss} | "
+                     f"{gb(p['peak'])} | {ratio} | {gb(p['resident'])} | {gb(p['grads'])} | {gb(p['unit'])} | "
+                     f"{gb(p['activations'])} | {speed} |")
     return "\n".join(lines)
 
 
@@ -193,44 +204,69 @@ def main(argv=None) -> int:
     p = cli.parser("python bench/memory.py", __doc__)
     p.add_argument("--presets", nargs="+", default=["tiny", "small-cpu"], help="SiT presets measured on CPU ranks")
     p.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4], help="world sizes measured (1: one process)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up step)")
+    p.add_argument("--modes", nargs="+", default=["ddp", "fsdp", "fsdp+st"], choices=["ddp", "fsdp", "fsdp+st"],
+                   help="parallel modes measured at each world > 1")
     p.add_argument("--computed-worlds", nargs="+", type=int, default=[1, 8, 16],
-                   help="world sizes of the meta-device rows (XL/2, LightningDiT-XL/1, 2B/2)")
+                   help="world sizes of the predicted-only rows (XL/2, LightningDiT-XL/1, 2B/2)")
+    p.add_argument("--no-timing", dest="timing", action="store_false",
+                   help="skip the unprofiled second run (step time and RSS then come from the profiled run)")
     p.add_argument("--out", default="bench/results", help="output directory (memory.json, memory.md)")
     args = p.parse_args(argv)
-    if args.steps < 1 or any(w < 1 for w in args.worlds + args.computed_worlds):
-        print("bench/memory.py: error: --steps and every world size must be ≥ 1", file=sys.stderr)
+    if any(w < 1 for w in args.worlds + args.computed_worlds):
+        print("bench/memory.py: error: every world size must be ≥ 1", file=sys.stderr)
         return 2
     t0 = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
+            teacher_dir = write_teacher(preset, os.path.join(tmp, f"teacher-{preset.replace('/', '_')}"))
             for world in args.worlds:
-                for mode in (["none"] if world == 1 else ["ddp", "fsdp"]):
-                    row = measure(preset, world, mode, args.steps, tmp)
-                    est = computed(preset, IMAGE, world, mode, mode == "fsdp", row["replicated_numel"])
-                    row.update(kind="measured", computed={k: est[k] for k in PARTS})
+                for label in (["none"] if world == 1 else args.modes):
+                    prof = run(preset, world, label, teacher_dir, tmp, True)
+                    measured = summarise(prof, run(preset, world, label, teacher_dir, tmp, False) if args.timing else prof)
+                    row = {"preset": preset, "world": world, "mode": label, "kind": "measured",
+                           "batch_per_rank": BATCH_PER_RANK, **measured,
+                           "predicted": predicted(preset, IMAGE, world, label, BATCH_PER_RANK)}
                     rows.append(row)
-                    print(f"[memory] {preset} world {world} {mode}: state {row['params'] + row['grads'] + row['optimizer']} B, "
+                    print(f"[memory] {preset} world {world} {label}: peak {row['peak'] / 1e6:.2f} MB, predicted "
+                          f"{row['predicted']['peak'] / 1e6:.2f} MB, RSS {row['rss_peak'] / 1e6:.0f} MB, "
                           f"step {row['step_seconds']:.3f} s", file=sys.stderr, flush=True)
+    for r in rows:
+        ddp = next((d for d in rows if d["mode"] == "ddp" and d["preset"] == r["preset"] and d["world"] == r["world"]),
+                   None)
+        if r["mode"].startswith("fsdp") and ddp is not None:
+            r["step_time_ratio_to_ddp"] = r["step_seconds"] / ddp["step_seconds"]
+            r["peak_ratio_to_ddp"] = r["peak"] / ddp["peak"]
     for preset, kwargs in COMPUTED:
-        for world in args.computed_worlds:
-            for mode in (["none"] if world == 1 else ["ddp", "fsdp"]):
-                est = computed(preset, kwargs, world, mode, mode == "fsdp")
-                rows.append({"preset": preset, "world": world, "mode": mode, "kind": "computed",
-                             **{k: est[k] for k in PARTS}})
-    with_target(rows)
+        for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            for world in args.computed_worlds:
+                for label in (["none"] if world == 1 else ["ddp", "fsdp+st"]):
+                    rows.append({"preset": preset, "world": world, "mode": label, "kind": "computed",
+                                 "precision": precision, "batch_per_rank": COMPUTED_BATCH,
+                                 "predicted": predicted(preset, kwargs, world, label, COMPUTED_BATCH, dtype)})
     os.makedirs(args.out, exist_ok=True)
     text = table(rows)
     with open(os.path.join(args.out, "memory.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "memory.json"), "w") as f:
         json.dump({"rows": rows, "seconds": time.time() - t0, "torch": torch.__version__,
-                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                   "threads_per_rank": 1, "batch_per_rank": BATCH_PER_RANK, "image": IMAGE}, f, indent=1)
+                   "commit": _commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                    "load_average_at_end": os.getloadavg()},
+                   "threads_per_rank": 1, "batch_per_rank": BATCH_PER_RANK, "image": IMAGE,
+                   "measured_steps": list(MEASURED_STEPS), "timing_run": args.timing, "cfg": {"scale": CFG_SCALE, "clip_norm": CFG_CLIP}},
+                  f, indent=1)
     print(text)
     print(f"\n→ {args.out}/memory.json, memory.md")
     return 0
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Per-rank bytes of the training state under DDP and FSDP, from parameter shapes alone (meta device).
+"""Per-rank memory of training under DDP and FSDP: the training state from parameter shapes alone
+(meta device), and the peak during a DE-CM step (`predict_step_peak`).
 
 FSDP2 shards every parameter on dim 0 over the world, padding dim 0 to a multiple of the world size,
 so a rank holds at most ceil(d0 / world) · (numel / d0) elements of it. A model's *shard profile*
@@ -6,14 +7,19 @@ so a rank holds at most ceil(d0 / world) · (numel / d0) elements of it. A model
 run stores it and the launcher prints the estimate for the cluster's world, bench/memory.py compares
 it with the bytes measured on CPU ranks.
 
-Counted (fp32, the loop's dtypes): parameters, gradients, AdamW's two moments, the EMA copy, the frozen
-teacher. Not counted: activations (the JVP, the with-grad forwards), DDP's gradient buckets (one more
-parameter-sized buffer), FSDP's transient all-gathered block, CUDA context and allocator slack.
+`per_rank` counts (fp32, the loop's dtypes): parameters, gradients, AdamW's two moments, the EMA copy,
+the frozen teacher. `predict_step_peak` adds what a step holds on top of that at its peak — DDP's
+gradient buckets, FSDP's transient unsharded blocks, the activations saved by one with-grad forward
+(traced with fake tensors: exact shapes, no memory) and the backward's temporaries — and is checked
+against the peak measured on CPU ranks by bench/memory.py. Neither counts the CUDA context,
+allocator slack or the process's own memory.
 """
 
 from __future__ import annotations
 
 import math
+
+import torch
 
 FP32 = 4
 
@@ -67,3 +73,140 @@ def describe(student: dict, world: int, mode: str, teacher: dict | None = None, 
     return (f"per-rank training state, {mode} over {world} ranks (fp32; activations not included): "
             f"params {gb['params']:.2f} GB + grads {gb['grads']:.2f} GB + AdamW {gb['optimizer']:.2f} GB "
             f"+ EMA {gb['ema']:.2f} GB + teacher {gb['teacher']:.2f} GB = {gb['total']:.2f} GB")
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def trace_activations(student, batch: int, shape: tuple, num_classes: int, autocast_dtype=None) -> dict:
+    """Bytes saved for backward by one with-grad forward F(x, t, s, y) of `student` at `batch`.
+
+    Run on fake tensors (build `student` inside `torch._subclasses.fake_tensor.FakeTensorMode`): the
+    operators, shapes and dtypes of a real CPU forward (the same SDPA kernel choice, autocast's casts),
+    no memory. Tensors sharing a storage count once; parameters and buffers do not count.
+
+    Returns {"saved": bytes, "largest": bytes of the largest saved storage}.
+    """
+    own = {t.untyped_storage()._cdata for t in [*student.parameters(), *student.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in own:
+            seen.setdefault(storage._cdata, storage.nbytes())
+        return t
+
+    x = torch.zeros((batch, *shape))
+    t = torch.zeros(batch)
+    y = torch.zeros(batch, dtype=torch.long) if num_classes else None
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        student(x, t, t, y)
+    return {"saved": sum(seen.values()), "largest": max(seen.values(), default=0)}
+
+
+def unit_bytes(module) -> dict:
+    """{"block": bytes of the largest block (the FSDP unit), "root": bytes of the parameters outside the blocks}."""
+    blocks = list(getattr(module, "blocks", []))
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    return {"block": max((_nbytes(b.parameters()) for b in blocks), default=0),
+            "root": _nbytes(p for p in module.parameters() if id(p) not in in_blocks)}
+
+
+# FSDP2's transient unsharded memory in the backward of a block, in units of that block's bytes: its
+# all-gathered parameters, the next block's (prefetched for the backward), its unsharded gradients and
+# the reduce-scatter's input copy of them. The parameters outside the blocks (embedders, final layer)
+# belong to the root unit, which stays unsharded from the forward to the end of the backward, with
+# its unsharded gradients.
+FSDP_BLOCKS_IN_FLIGHT = 4
+FSDP_ROOT_COPIES = 2
+# The backward's own temporaries: the gradients flowing into and out of the layer being
+# differentiated, each about the size of the largest saved activation.
+BACKWARD_TEMPORARIES = 2
+# The no-grad JVP holds, inside one attention (MATH arithmetic, decm.method.jvp._plain_attention), the
+# scores and their tangent, the softmax and its tangent and one temporary of the softmax's tangent
+# rule — each batch × heads × tokens² — and around it a primal/tangent pair at the MLP's input and
+# output, each about the size of the largest saved activation. FSDP holds the JVP's current and next
+# block unsharded, and the root.
+JVP_SCORE_COPIES = 5
+JVP_WIDE_COPIES = 4
+FSDP_BLOCKS_IN_JVP = 2
+
+
+def predict_step_peak(build, kwargs: dict, batch: int, world: int, mode: str, teacher: bool = True,
+                      shard_teacher: bool = False, autocast_dtype=None, unsharded_grads: bool = False) -> dict:
+    """Predicted peak bytes per rank during one DE-CM training step (decm.train's loop, backward per term).
+
+    peak = resident + grads + unit + activations + temporaries, where
+      resident: what the rank holds when the step starts — parameters, AdamW's two moments of the
+        trainable ones, the EMA, the teacher (÷ world when sharded), and under DDP its gradient
+        buckets (one more copy of the trainable parameters);
+      grads: the trainable parameters' gradients (÷ world under FSDP; with `unsharded_grads` — FSDP2
+        with the gradient reduction deferred to the last term, `set_requires_gradient_sync(False)` —
+        the whole model's unsharded gradients, held from the first term's backward to the last's);
+      unit: FSDP only, the transient unsharded blocks (FSDP_BLOCKS_IN_FLIGHT × the largest block +
+        FSDP_ROOT_COPIES × the parameters outside the blocks; with `unsharded_grads` one block and
+        one root copy less, their unsharded gradients being part of grads);
+      activations: the bytes one with-grad forward of the student saves at `batch` (traced, see
+        `trace_activations`; with `autocast_dtype` under that autocast); the terms run their backward
+        one at a time, so one forward's activations are alive at once;
+      temporaries: BACKWARD_TEMPORARIES × the largest saved activation.
+    That is the with-grad phase. The no-grad JVP of a later term (L_n2n's, after the other terms'
+    backwards: all gradients exist) can set the peak instead when tokens² is large against the width:
+    resident + grads + FSDP_BLOCKS_IN_JVP blocks and the root (FSDP) + JVP_SCORE_COPIES × batch ×
+    heads × tokens² + JVP_WIDE_COPIES × the largest saved activation (all fp32: the JVP runs outside
+    autocast). "peak" is the larger of the two phases. The no-grad teacher call (CFG: twice the
+    batch, fused attention) holds a few activation-sized tensors and sets neither.
+
+    Args:
+      build: backbone factory, called as build(**kwargs, flow_map=...) inside FakeTensorMode.
+      kwargs: input_size, in_channels, num_classes.
+      batch: samples per rank.
+      world: number of ranks.
+      mode: 'none', 'ddp' or 'fsdp'.
+      teacher: a network teacher of the same architecture (False: analytic, no weights).
+      shard_teacher: the teacher is sharded too (FSDP).
+      autocast_dtype: None (fp32) or torch.bfloat16 (activations under autocast; weights stay fp32).
+      unsharded_grads: FSDP holds unsharded gradients between the terms (see above).
+
+    Returns the parts and "peak", in bytes.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if mode not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"mode must be 'none', 'ddp' or 'fsdp', got {mode!r}")
+    with FakeTensorMode():
+        student = build(**kwargs, flow_map=True)
+        act = trace_activations(student, batch, (kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"]),
+                                kwargs["num_classes"], autocast_dtype)
+        t_net = build(**kwargs, flow_map=False) if teacher else None
+    units = unit_bytes(student)
+    sharded = world if mode == "fsdp" else 1
+    profile_all, profile_train = shard_profile(student), {}
+    for p in student.parameters():
+        if p.requires_grad:
+            d0 = int(p.shape[0]) if p.dim() > 0 else 1
+            profile_train[d0] = profile_train.get(d0, 0) + p.numel() // d0
+    params = FP32 * numel(profile_all, sharded)
+    train_bytes = FP32 * numel(profile_train, sharded)
+    teacher_bytes = FP32 * numel(shard_profile(t_net), world if mode == "fsdp" and shard_teacher else 1) if teacher else 0
+    out = {"params": params, "optimizer": 2 * train_bytes, "ema": params, "teacher": teacher_bytes,
+           "ddp_buckets": FP32 * numel(profile_train) if mode == "ddp" else 0}
+    out["resident"] = out["params"] + out["optimizer"] + out["ema"] + out["teacher"] + out["ddp_buckets"]
+    deferred = mode == "fsdp" and unsharded_grads
+    out["grads"] = FP32 * numel(profile_train) if deferred else train_bytes
+    out["unit"] = 0
+    if mode == "fsdp":  # deferred: the gradients accumulate in the unsharded parameters (counted in grads)
+        out["unit"] = (FSDP_BLOCKS_IN_FLIGHT - 1) * units["block"] + units["root"] if deferred else \
+            FSDP_BLOCKS_IN_FLIGHT * units["block"] + FSDP_ROOT_COPIES * units["root"]
+    out["activations"] = act["saved"]
+    out["temporaries"] = BACKWARD_TEMPORARIES * act["largest"]
+    out["with_grad_phase"] = out["resident"] + out["grads"] + out["unit"] + out["activations"] + out["temporaries"]
+    heads, tokens = student.blocks[0].attn.num_heads, student.x_embedder.num_patches
+    largest_fp32 = act["largest"] * (2 if autocast_dtype is not None else 1)  # the JVP's tensors are fp32
+    out["jvp_transient"] = JVP_SCORE_COPIES * batch * heads * tokens ** 2 * FP32 + JVP_WIDE_COPIES * largest_fp32
+    jvp_unit = (FSDP_BLOCKS_IN_JVP * units["block"] + units["root"]) if mode == "fsdp" else 0
+    out["jvp_phase"] = out["resident"] + out["grads"] + jvp_unit + out["jvp_transient"]
+    out["peak"] = max(out["with_grad_phase"], out["jvp_phase"])
+    return out

@@ -1,0 +1,400 @@
+"""Real-size DE-CM training steps on CPU: LightningDiT-XL/1 and SiT-XL/2, one process and FSDP over 2.
+
+    python bench/xl_cpu.py [--models lightningdit-xl1 sit-xl2] [--configs single:fp32 fsdp2:fp32 ...]
+                           [--batch 2] [--max-gib 20] [--deadline-minutes M] [--reduced] [--out FILE]
+
+Each configuration runs in fresh processes (world 1 or 2, gloo, threads = 2 / world) and does:
+  1. builds teacher, student and EMA with the real architecture (`--reduced`: the same code at width
+     64, depth 2, 4 heads, for the test suite) on the meta device, shards them under FSDP (teacher
+     included, `train.shard_teacher`), then materialises only this rank's shards and fills them with
+     the same random weights in every configuration (a value per parameter name; the student is the
+     teacher plus a small perturbation, the EMA a copy of the student);
+  2. one process, fp32: the JVP tangent dF/dt·(v, 1, 0) of the student (torch.func.jvp, as L_cm
+     computes it) against a float64 central finite difference at this size, on one sample (before
+     AdamW exists, so the float64 copy of the student fits);
+  3. gives AdamW its moments with one zero-gradient update (a resumed run's state: the parameters do
+     not move), then runs `--steps` training steps from index `--first-step` exactly as decm.train's
+     loop does: DE-CM objective (L_cm + L_fm, and L_n2n on indices divisible by 3), CFG w = 1.75 with velocity clipping η = 1, backward per
+     term, replicated-gradient sync, gradient clipping 1.0, AdamW, EMA; under bf16 the objective runs
+     in autocast (the JVP and time embeddings stay fp32, as in training);
+  4. records per rank the tensor peak and RSS peak of each step (bench/_peak.py) next to the
+     prediction of decm/memory.py, the step time, every loss and whether it is finite.
+
+Before launching a configuration the driver checks its predicted memory (per-rank peak + the
+process's own memory, times the world size) against `--max-gib` and the memory available now (with
+a deadline it waits for other jobs to free memory, up to one minute before the deadline); a
+configuration that does not fit is not started and the JSON says by how much. A configuration still
+running at the deadline is stopped (its finished phases stay recorded). Step times on a shared machine
+are recorded with the load average and are not a benchmark. Writes bench/results/xl_cpu.json
+(`--reduced`: xl_cpu-reduced.json).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+import zlib
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name: (sit preset, input shape and classes, architecture options)
+MODELS = {
+    "lightningdit-xl1": ("LightningDiT-XL/1", dict(input_size=16, in_channels=32, num_classes=1000), {}),
+    "sit-xl2": ("XL/2", dict(input_size=32, in_channels=4, num_classes=1000), dict(learn_sigma=True)),
+}
+REDUCED = dict(depth=2, hidden_size=64, num_heads=4)  # --reduced: same code, same inputs, tiny width
+CONFIGS = {"single:fp32": (1, "fp32"), "single:bf16": (1, "bf16"), "fsdp2:fp32": (2, "fp32"),
+           "fsdp2:bf16": (2, "bf16")}
+CFG_SCALE, CFG_CLIP = 1.75, 1.0   # the paper's distillation scale; velocity clipping η
+PROCESS_BYTES = 0.8e9             # one worker's own memory (interpreter, torch, profiler), measured: ~0.7 GB
+SEED = 0
+
+
+def architecture(model: str, reduced: bool):
+    preset, data, options = MODELS[model]
+    overrides = {**options, **(REDUCED if reduced else {})}
+
+    def build(**kwargs):
+        from decm.models.sit import sit
+
+        return sit(preset, time_scale=1.0, **kwargs, **overrides)
+    return build, data
+
+
+def predicted(model: str, reduced: bool, world: int, precision: str, batch: int, fsdp_grads: str = "sharded") -> dict:
+    from decm import memory
+
+    build, data = architecture(model, reduced)
+    return memory.predict_step_peak(build, data, batch, world, "fsdp" if world > 1 else "none", teacher=True,
+                                    shard_teacher=world > 1,
+                                    autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                    unsharded_grads=fsdp_grads == "unsharded")
+
+
+def _value(name: str, shape, salt: int) -> torch.Tensor:
+    """The random value of parameter `name` (global shape), the same in every configuration and rank."""
+    g = torch.Generator().manual_seed(SEED * 1_000_003 + zlib.crc32(name.encode()) + salt)
+    if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm_final.weight"):
+        return 1 + 0.02 * torch.randn(shape, generator=g)
+    return 0.02 * torch.randn(shape, generator=g)
+
+
+def _fill(module, rank: int, world: int, student: bool) -> None:
+    """Writes this rank's part of every parameter (teacher values; student = teacher + 0.002·noise)."""
+    from decm.models.sit import Rope2D, sincos_pos_embed_2d
+    from decm.parallel import is_sharded
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name == "pos_embed":
+                grid = int(math.isqrt(p.shape[1]))
+                full = torch.from_numpy(sincos_pos_embed_2d(p.shape[-1], grid)).float().unsqueeze(0)
+            else:
+                full = _value(name, p.shape, 0)
+                if student:
+                    full += 0.002 * _value(name, p.shape, 1)
+            if is_sharded(p):
+                local = p.to_local()
+                chunks = torch.chunk(full, world, dim=0)
+                part = chunks[rank] if rank < len(chunks) else full[:0]
+                local.copy_(part.reshape(local.shape))
+            else:
+                p.copy_(full)
+        rope = getattr(module, "feat_rope", None)
+        if rope is not None:
+            fresh = Rope2D(rope.freqs_cos.shape[-1], int(math.isqrt(rope.freqs_cos.shape[0])))
+            rope.freqs_cos.copy_(fresh.freqs_cos)
+            rope.freqs_sin.copy_(fresh.freqs_sin)
+
+
+def _copy_params(src, dst) -> None:
+    from decm.parallel import local
+
+    with torch.no_grad():
+        for a, b in zip(src.parameters(), dst.parameters()):
+            local(b).copy_(local(a))
+        for a, b in zip(src.buffers(), dst.buffers()):
+            b.copy_(a)
+
+
+def jvp_check(student, teacher, data: dict, batch: int) -> dict:
+    """The L_cm tangent dF(x, t, 1)·(v_φ, 1, 0) by torch.func.jvp vs a float64 central difference."""
+    from decm.method.jvp import flow_map_jvp, jvp_finite_difference
+
+    g = torch.Generator().manual_seed(SEED + 7)
+    shape = (batch, data["in_channels"], data["input_size"], data["input_size"])
+    x = torch.randn(shape, generator=g)
+    t = 0.1 + 0.8 * torch.rand(batch, generator=g)
+    s, y = torch.ones(batch), torch.randint(0, data["num_classes"], (batch,), generator=g)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        v = teacher(x, t, y)
+    _, tangent = flow_map_jvp(student, x, t, s, y, v, torch.ones_like(t), torch.zeros_like(s), method="autograd")
+    jvp_seconds = time.perf_counter() - t0
+    _, fd = jvp_finite_difference(lambda m, a, b, c: m(a, b, c, y), (x, t, s), (v, torch.ones_like(t), torch.zeros_like(s)),
+                                  eps=1e-4, module=student)
+    diff = (tangent.double() - fd.double())
+    return {"max_abs_error": float(diff.abs().max()), "relative_error": float(diff.norm() / fd.double().norm()),
+            "tangent_norm": float(tangent.norm()), "finite": bool(torch.isfinite(tangent).all()),
+            "fd_eps": 1e-4, "jvp_plus_teacher_seconds": jvp_seconds, "seconds": time.perf_counter() - t0}
+
+
+def worker(rank, world, port, model, precision, batch, steps, first_step, reduced, out):
+    """One rank of one configuration; writes `out`-<rank>.json after every phase."""
+    os.environ.update(OMP_NUM_THREADS=str(max(1, 2 // world)))
+    torch.set_num_threads(max(1, 2 // world))
+    if world > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    from bench._peak import Windows, rss_bytes
+
+    record = {"rank": rank, "phases": []}
+
+    def write(phase):
+        record["phases"].append({"phase": phase, "rss_peak_of_window": _rss_hwm(), "at": time.time()})
+        tmp = f"{out}-{rank}.json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, f"{out}-{rank}.json")
+
+    record["rss_at_start"] = rss_bytes()
+    windows = Windows(torch.device("cpu"), tensors=True, rss=True)
+    from decm import distributed, parallel, train_state
+    from decm.method.guidance import CFG
+    from decm.method.objective import decm_objective
+    from decm.method.teachers import NetworkTeacher
+    from decm.seeding import step_generator
+
+    info = distributed.init("cpu")
+    mode = "fsdp" if world > 1 else "none"
+    build, data = architecture(model, reduced)
+    t0 = time.perf_counter()
+    windows.mark("build")
+    with torch.device("meta"):
+        t_net = build(**data, flow_map=False)
+        student = build(**data, flow_map=True)
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    teacher = NetworkTeacher(t_net)
+    objective = decm_objective(guidance=CFG(scale=CFG_SCALE, clip_norm=CFG_CLIP))
+    wrapped = parallel.wrap(student, ema, teacher, mode, world, info.device, precision, shard_teacher=mode == "fsdp")
+    for m in (t_net, student, ema):
+        m.to_empty(device="cpu")
+    _fill(t_net, rank, world, student=False)
+    _fill(student, rank, world, student=True)
+    _copy_params(student, ema)
+    record["parameters"] = {"student": sum(p.numel() for p in student.parameters()),
+                            "teacher": sum(p.numel() for p in t_net.parameters())}
+    record["build_seconds"] = time.perf_counter() - t0
+    write("built")
+    if world == 1 and precision == "fp32":
+        windows.mark("jvp_check")
+        record["jvp_check"] = jvp_check(student, teacher, data, batch=1)
+        write("jvp_check")
+    groups = train_state.param_groups(student, objective)
+    params = [p for g in groups for p in g["params"]]
+    extra = groups[1]["params"] if len(groups) > 1 else []
+    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    windows.mark("adamw_state")
+    for p in params:  # a resumed run's AdamW state: moments exist, the update is zero
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    autocast = torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    record["steps"] = []
+    for step in range(first_step, first_step + steps):
+        g = step_generator(SEED, rank, step)
+        x1 = torch.randn((batch, data["in_channels"], data["input_size"], data["input_size"]), generator=g)
+        y = torch.randint(0, data["num_classes"], (batch,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        windows.mark(f"step{step}")
+        with autocast:
+            _, stats, _ = objective(wrapped, teacher, x1, y, step, g, backward=True,
+                                    agree=lambda bad: distributed.any_true(bad, info))
+        parallel.sync_replicated_grads(extra, world)
+        grad_norm = parallel.clip_grad_norm(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.9999, (1 + step) / (10 + step))
+            for p_ema, p in zip(ema.parameters(), student.parameters()):
+                p_ema.lerp_(p.detach(), 1 - decay)
+        windows.mark(f"after{step}")
+        losses = {k: v for k, v in stats.items() if k.startswith("loss/")}
+        record["steps"].append({"step": step, "losses": losses, "grad_norm": float(grad_norm),
+                                "finite": all(math.isfinite(v) for v in losses.values()) and math.isfinite(float(grad_norm))})
+        write(f"step{step}")
+    windows.close()
+    record["windows"] = windows.result()
+    record["unrecorded_frees"] = windows.unrecorded_frees
+    record["rss_reset_worked"] = windows.rss_reset_works()
+    distributed.shutdown()
+    write("done")
+
+
+def _rss_hwm() -> int:
+    from bench._peak import rss_peak_bytes
+
+    return rss_peak_bytes()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_config(model, config, args, tmp) -> dict:
+    """Checks the prediction against the limits, runs the configuration, collects its ranks' records."""
+    import torch.multiprocessing as mp
+
+    world, precision = CONFIGS[config]
+    pred = predicted(model, args.reduced, world, precision, args.batch, args.fsdp_grads)
+    need = world * (pred["peak"] + PROCESS_BYTES)
+    row = {"model": model, "config": config, "world": world, "precision": precision, "batch_per_rank": args.batch,
+           "mode": "fsdp (teacher sharded)" if world > 1 else "one process", "predicted": pred,
+           "predicted_machine_bytes": need, "limit_bytes": args.max_gib * 2 ** 30,
+           "available_bytes_at_launch": available_bytes()}
+    waited = time.time()
+    while need <= row["limit_bytes"] and need > row["available_bytes_at_launch"] - 2 ** 30 and args.deadline \
+            and time.time() + 60 < args.deadline:  # other jobs hold memory now: wait for it, up to the deadline
+        time.sleep(15)
+        row["available_bytes_at_launch"] = available_bytes()
+    row["waited_for_memory_seconds"] = time.time() - waited
+    limit = min(row["limit_bytes"], row["available_bytes_at_launch"] - 2 ** 30)
+    if need > limit:
+        row["status"] = "refused"
+        row["reason"] = (f"predicted {need / 2 ** 30:.2f} GiB for {world} process(es) > limit {limit / 2 ** 30:.2f} GiB "
+                         f"(--max-gib {args.max_gib}, available now {row['available_bytes_at_launch'] / 2 ** 30:.2f} GiB"
+                         f" − 1 GiB): over by {(need - limit) / 2 ** 30:.2f} GiB")
+        return row
+    out = os.path.join(tmp, f"{model}-{config.replace(':', '-')}")
+    t0 = time.time()
+    ctx = mp.start_processes(worker, args=(world, _port(), model, precision, args.batch, args.steps, args.first_step,
+                                           args.reduced, out),
+                             nprocs=world, start_method="spawn", join=False)
+    status = "ok"
+    try:
+        while not ctx.join(timeout=5):
+            if args.deadline and time.time() > args.deadline:
+                status = "stopped at the deadline"
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                break
+    except Exception as e:  # noqa: BLE001 — a rank that died is recorded, not fatal for the other configurations
+        status = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    row["wall_seconds"] = time.time() - t0
+    ranks = []
+    for r in range(world):
+        try:
+            with open(f"{out}-{r}.json") as f:
+                ranks.append(json.load(f))
+        except (OSError, ValueError):
+            ranks.append({"rank": r, "phases": []})
+    row["status"], row["ranks"] = status, ranks
+    row["load_average_after"] = os.getloadavg()
+    done = [r for r in ranks if "windows" in r]
+    if len(done) == world:
+        steps = [f"step{s}" for s in range(args.first_step, args.first_step + args.steps)]
+        row["peak"] = max(r["windows"][s]["tensor_peak"] for r in done for s in steps)
+        row["peak_per_rank"] = [max(r["windows"][s]["tensor_peak"] for s in steps) for r in done]
+        row["rss_peak_per_rank"] = [max(r["windows"][k]["rss_peak"] for k in r["windows"]) for r in done]
+        row["rss_peak_machine"] = sum(row["rss_peak_per_rank"])
+        row["peak_over_predicted"] = row["peak"] / pred["peak"]
+        row["step_seconds"] = [max(r["windows"][s]["seconds"] for r in done) for s in steps]
+        row["losses_finite"] = all(st["finite"] for r in done for st in r["steps"])
+        row["images_per_second"] = world * args.batch / (sum(row["step_seconds"]) / len(steps))
+    if ranks and "jvp_check" in ranks[0]:
+        row["jvp_check"] = ranks[0]["jvp_check"]
+    return row
+
+
+def main(argv=None) -> int:
+    import tempfile
+
+    from decm import cli
+
+    p = cli.parser("python bench/xl_cpu.py", __doc__)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="architectures, in order")
+    p.add_argument("--configs", nargs="+", default=["single:fp32", "fsdp2:fp32", "single:bf16", "fsdp2:bf16"],
+                   choices=list(CONFIGS), help="configurations per model, in order")
+    p.add_argument("--batch", type=int, default=2, help="samples per rank")
+    p.add_argument("--steps", type=int, default=1, help="training steps per configuration (step 0 runs all three terms)")
+    p.add_argument("--first-step", type=int, default=0,
+                   help="index of the first step (N2N runs when index %% 3 == 0: 0 has all three terms, 1 has two)")
+    p.add_argument("--fsdp-grads", choices=["sharded", "unsharded"], default="unsharded",
+                   help="what the prediction assumes FSDP holds between the terms' backwards: 'unsharded' (the "
+                        "loop defers the reduction to the last term: full-size gradients) or 'sharded'")
+    p.add_argument("--max-gib", type=float, default=20.0, help="refuse a configuration predicted above this (GiB)")
+    p.add_argument("--deadline-minutes", type=float, default=0.0, help="stop whatever runs after this long (0: never)")
+    p.add_argument("--reduced", action="store_true", help="width 64, depth 2, 4 heads (the test suite's version)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/xl_cpu[-reduced].json)")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.steps < 1 or args.first_step < 0 or args.max_gib <= 0:
+        print("bench/xl_cpu.py: error: --batch and --steps must be ≥ 1, --first-step ≥ 0 and --max-gib > 0",
+              file=sys.stderr)
+        return 2
+    args.out = args.out or os.path.join("bench", "results", "xl_cpu-reduced.json" if args.reduced else "xl_cpu.json")
+    args.deadline = time.time() + 60 * args.deadline_minutes if args.deadline_minutes > 0 else 0
+    rows, t0 = [], time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in args.configs:  # every model's single-process run first, then FSDP (the brief's order)
+            for model in args.models:
+                if args.deadline and time.time() > args.deadline:
+                    rows.append({"model": model, "config": config, "status": "not started: deadline passed"})
+                    continue
+                row = run_config(model, config, args, tmp)
+                rows.append(row)
+                print(f"[xl_cpu] {model} {config}: {row['status']}" + (
+                    f", peak {row['peak'] / 2 ** 30:.2f} GiB/rank (predicted {row['predicted']['peak'] / 2 ** 30:.2f}),"
+                    f" step {row['step_seconds'][0]:.0f} s" if "peak" in row else f" {row.get('reason', '')}"),
+                    file=sys.stderr, flush=True)
+                _write(args, rows, t0)
+    _write(args, rows, t0)
+    print(json.dumps([{k: r.get(k) for k in ("model", "config", "status", "peak", "peak_over_predicted",
+                                             "step_seconds", "losses_finite")} for r in rows], indent=1))
+    return 0 if all(r["status"] in ("ok", "refused") or r["status"].startswith("not started") for r in rows) else 1
+
+
+def _write(args, rows, t0) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"rows": rows, "reduced": args.reduced, "seconds": time.time() - t0, "torch": torch.__version__,
+                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                               "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                               "shared": "timings measured under load from other jobs; see load_average_after"},
+                   "cfg": {"scale": CFG_SCALE, "clip_norm": CFG_CLIP}, "process_bytes_assumed": PROCESS_BYTES,
+                   "fsdp_grads_assumed": args.fsdp_grads, "commit": _commit()},
+                  f, indent=1)
+    os.replace(tmp, args.out)
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
