@@ -208,7 +208,7 @@ def run_tests(root: str, tests: list[str], timeout_s: int) -> tuple[int | str, f
                WANDB_MODE="disabled", PYTHONDONTWRITEBYTECODE="1")
     start = time.time()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests], cwd=root,
                               env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return "timeout", time.time() - start, ""

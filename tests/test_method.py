@@ -214,3 +214,15 @@ def test_noise_to_noisy_t_max_limits_the_end_time():
     assert float(t.max()) == pytest.approx(0.5) and float(t.min()) == pytest.approx(0.1) and (r == 0.1).all()
     with pytest.raises(ValueError, match="t_max"):
         NoiseToNoisy(delta=0.1, t_max=0.05)
+
+
+def test_context_point_is_the_linear_path_from_noise_to_data():
+    """x_t = (1 − t)·z + t·x₁ with t = 0 noise and t = 1 data (the losses vanish on the exact map at any
+    point, so they cannot tell which end is which; this can)."""
+    g = torch.Generator().manual_seed(0)
+    x1, z = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    ctx = Context(None, None, NoGuidance(), x1, z, None, 0)
+    t = torch.tensor([0.0, 0.25, 0.5, 0.8, 1.0])
+    for i in range(5):
+        assert torch.allclose(ctx.point(t)[i], (1 - t[i]) * z[i] + t[i] * x1[i], atol=1e-15)
+    assert torch.equal(ctx.point(torch.zeros(5)), z) and torch.equal(ctx.point(torch.ones(5)), x1)

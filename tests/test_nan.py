@@ -79,3 +79,26 @@ def test_per_term_backward_agrees_on_a_bad_term_before_its_backward():
                          agree=lambda bad: verdicts.append(bad) or bad)
     assert not loss.requires_grad and torch.isfinite(loss) and stats["loss/n2n"] > 0
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def test_a_masked_sample_has_zero_loss_and_no_gradient():
+    """The masked target is sg(prediction): a masked sample's loss is exactly 0 and sends no gradient,
+    while the other samples keep theirs."""
+    from decm.method.guidance import NoGuidance
+    from decm.method.losses import FMLoss
+    from decm.method.objective import Context
+
+    torch.manual_seed(0)
+    student = mlp(width=16, depth=1)
+    teacher = NaNTeacher(mean=0.5, std=1.0)
+    g = torch.Generator().manual_seed(1)
+    x1, z = teacher.sample(64, g), torch.randn(64, 2, generator=g)
+    ctx = Context(student, teacher, NoGuidance(), x1, z, None, 0)
+    t = torch.full((64,), 0.9)
+    per_sample = FMLoss(cosine_weight=0.0)(ctx, t, t)  # the squared error alone: exactly 0 when masked
+    bad = ~torch.isfinite(teacher(ctx.point(t), t)).all(1)
+    assert bad.any() and (~bad).any() and ctx.nan_masked == int(bad.sum())
+    assert torch.equal(per_sample[bad].detach(), torch.zeros(int(bad.sum())))
+    grads = torch.autograd.grad(per_sample[bad].sum(), list(student.parameters()), allow_unused=True)
+    assert all(gr is None or float(gr.abs().max()) == 0.0 for gr in grads)
+    assert (per_sample[~bad] > 0).all()
