@@ -189,6 +189,7 @@ def test_progress_in_a_log_file_is_plain_lines(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("[decm] distill step")]
     assert [l.split()[3] for l in lines] == ["4/12", "8/12", "12/12"], lines
     assert "loss" in lines[-1] and "it/s" in lines[-1]
+    assert all(", ETA " in l for l in lines[:-1]) and "ETA" not in lines[-1]  # time left, until the end
     wandb_lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "wandb" in l.lower()]
     assert len(wandb_lines) == 1 and "wandb sync" in wandb_lines[0], wandb_lines
 
