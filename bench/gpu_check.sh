@@ -1,13 +1,39 @@
 #!/usr/bin/env bash
-# GPU path check (run on a CUDA machine; ≤ 10 min on one H100/H200): bf16 step costs for B/2 and XL/2
-# on ImageNet-256 latent shapes (4×32×32), CUDA JVP through attention (MATH SDPA inside the JVP), and
-# sampling throughput. Results land in bench/results/*-cuda*.json.
+# GPU check: the real-size DE-CM step on CUDA, ready to run on a fresh GPU machine after the README's install.
+#
+#   bench/gpu_check.sh            # PY=path/to/python to use another interpreter than .venv/bin/python
+#
+# One GPU (≈ 4–6 min on an H100/H200): LightningDiT-XL/1 and SiT-XL/2 (random weights, batch 32 per GPU)
+# run 4 DE-CM training steps in bf16 autocast and in fp32 (bench/xl_cpu.py --device cuda), recording
+# img/s, the peak allocated memory of each step against decm/memory.py's prediction, the cost of the
+# passes a step is made of (no-grad forward F, JVP J, with-grad pass W, CFG teacher call, an FM step and
+# an L_cm step: J in forward equivalents J/F, the L_cm/FM step-cost ratio), the attention kernel each pass
+# ran (flash / memory-efficient / cuDNN / math, or decm's matmul + softmax JVP rule), and in fp32 the JVP
+# tangent against a float64 central difference. With ≥ 2 GPUs also the same step under DDP and under FSDP
+# (teacher sharded) over NCCL on every visible GPU. Writes bench/results/gpu-xl-<n>gpu-<device>.json and
+# prints one table of everything it wrote. Exits non-zero when a configuration fails (the JSON says which).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-$PY -m pytest -q tests/test_models.py -k "jvp or bf16"           # JVP = finite differences (CPU reference)
-$PY bench/step_cost.py --device cuda --bf16 --preset B/2 --image-size 32 --batch 64 --repeats 10
-$PY bench/step_cost.py --device cuda --bf16 --preset XL/2 --image-size 32 --batch 32 --repeats 5 \
-    --variants fm cm cm_dual decm decm_dual
-$PY bench/sampling.py --device cuda --preset XL/2 --image-size 32 --batch 256 --repeats 5
+if ! NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"); then
+    echo "bench/gpu_check.sh: cannot import torch with $PY (install as the README says, or set PY)" >&2
+    exit 2
+fi
+if [ "$NGPU" -lt 1 ]; then
+    echo "bench/gpu_check.sh: no CUDA device visible to $PY" >&2
+    exit 2
+fi
+NAME=$("$PY" -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0)).strip('-'))")
+mkdir -p bench/results
+OUTS=("bench/results/gpu-xl-1gpu-$NAME.json")
+STATUS=0
+"$PY" bench/xl_cpu.py --device cuda --models lightningdit-xl1 sit-xl2 --configs single:bf16 single:fp32 \
+    --batch 32 --steps 4 --passes --out "${OUTS[0]}" || STATUS=1
+if [ "$NGPU" -ge 2 ]; then
+    OUTS+=("bench/results/gpu-xl-${NGPU}gpu-$NAME.json")
+    "$PY" bench/xl_cpu.py --device cuda --models lightningdit-xl1 --configs "ddp$NGPU:bf16" "fsdp$NGPU:bf16" \
+        --batch 32 --steps 4 --out "${OUTS[1]}" || STATUS=1
+fi
+echo
+"$PY" bench/xl_cpu.py --table "${OUTS[@]}"
+exit $STATUS

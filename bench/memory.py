@@ -241,9 +241,11 @@ def main(argv=None) -> int:
         for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             for world in args.computed_worlds:
                 for label in (["none"] if world == 1 else ["ddp", "fsdp+st"]):
+                    pred = predicted(preset, kwargs, world, label, COMPUTED_BATCH, dtype)
                     rows.append({"preset": preset, "world": world, "mode": label, "kind": "computed",
-                                 "precision": precision, "batch_per_rank": COMPUTED_BATCH,
-                                 "predicted": predicted(preset, kwargs, world, label, COMPUTED_BATCH, dtype)})
+                                 "precision": precision, "batch_per_rank": COMPUTED_BATCH, "predicted": pred,
+                                 **{k: pred[k] for k in ("params", "optimizer", "ema", "teacher")},
+                                 "grads": pred["grads"]})
     os.makedirs(args.out, exist_ok=True)
     text = table(rows)
     with open(os.path.join(args.out, "memory.md"), "w") as f:

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import sys
 import time
@@ -51,8 +52,22 @@ MODELS = {
     "sit-xl2": ("XL/2", dict(input_size=32, in_channels=4, num_classes=1000), dict(learn_sigma=True)),
 }
 REDUCED = dict(depth=2, hidden_size=64, num_heads=4)  # --reduced: same code, same inputs, tiny width
-CONFIGS = {"single:fp32": (1, "fp32"), "single:bf16": (1, "bf16"), "fsdp2:fp32": (2, "fp32"),
-           "fsdp2:bf16": (2, "bf16")}
+CONFIG_FORMAT = re.compile(r"^(single|ddp(\d+)|fsdp(\d+)):(fp32|bf16)$")  # e.g. single:fp32, fsdp2:bf16, ddp8:bf16
+SDPA_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+            "aten::_scaled_dot_product_flash_attention": "flash", "aten::_scaled_dot_product_efficient_attention":
+            "memory-efficient", "aten::_scaled_dot_product_cudnn_attention": "cuDNN",
+            "aten::_scaled_dot_product_attention_math": "math"}
+
+
+def parse_config(config: str) -> tuple[str, int, str]:
+    """'single:fp32' → ('none', 1, 'fp32'); 'fsdp2:bf16' → ('fsdp', 2, 'bf16'); 'ddp8:bf16' → ('ddp', 8, 'bf16')."""
+    m = CONFIG_FORMAT.match(config)
+    if m is None or (m.group(1) != "single" and int(m.group(2) or m.group(3)) < 2):
+        raise ValueError(f"configuration {config!r}: expected single:<p>, ddp<N>:<p> or fsdp<N>:<p> with N ≥ 2 and "
+                         "<p> fp32 or bf16")
+    if m.group(1) == "single":
+        return "none", 1, m.group(4)
+    return ("ddp", int(m.group(2)), m.group(4)) if m.group(2) else ("fsdp", int(m.group(3)), m.group(4))
 CFG_SCALE, CFG_CLIP = 1.75, 1.0   # the paper's distillation scale; velocity clipping η
 PROCESS_BYTES = 0.8e9             # one worker's own memory (interpreter, torch, profiler), measured: ~0.7 GB
 SEED = 0
@@ -69,12 +84,12 @@ def architecture(model: str, reduced: bool):
     return build, data
 
 
-def predicted(model: str, reduced: bool, world: int, precision: str, batch: int, fsdp_grads: str = "sharded") -> dict:
+def predicted(model: str, reduced: bool, mode: str, world: int, precision: str, batch: int,
+              fsdp_grads: str = "sharded") -> dict:
     from decm import memory
 
     build, data = architecture(model, reduced)
-    return memory.predict_step_peak(build, data, batch, world, "fsdp" if world > 1 else "none", teacher=True,
-                                    shard_teacher=world > 1,
+    return memory.predict_step_peak(build, data, batch, world, mode, teacher=True, shard_teacher=mode == "fsdp",
                                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
                                     unsharded_grads=fsdp_grads == "unsharded")
 
@@ -107,7 +122,7 @@ def _fill(module, rank: int, world: int, student: bool) -> None:
                 part = chunks[rank] if rank < len(chunks) else full[:0]
                 local.copy_(part.reshape(local.shape))
             else:
-                p.copy_(full)
+                p.copy_(full)  # copy_ moves it to the parameter's device
         rope = getattr(module, "feat_rope", None)
         if rope is not None:
             fresh = Rope2D(rope.freqs_cos.shape[-1], int(math.isqrt(rope.freqs_cos.shape[0])))
@@ -125,15 +140,20 @@ def _copy_params(src, dst) -> None:
             b.copy_(a)
 
 
-def jvp_check(student, teacher, data: dict, batch: int) -> dict:
+def _inputs(data: dict, batch: int, seed: int, device) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, data["in_channels"], data["input_size"], data["input_size"]), generator=g)
+    t = 0.1 + 0.8 * torch.rand(batch, generator=g)
+    y = torch.randint(0, data["num_classes"], (batch,), generator=g)
+    return x.to(device), t.to(device), y.to(device)
+
+
+def jvp_check(student, teacher, data: dict, batch: int, device) -> dict:
     """The L_cm tangent dF(x, t, 1)·(v_φ, 1, 0) by torch.func.jvp vs a float64 central difference."""
     from decm.method.jvp import flow_map_jvp, jvp_finite_difference
 
-    g = torch.Generator().manual_seed(SEED + 7)
-    shape = (batch, data["in_channels"], data["input_size"], data["input_size"])
-    x = torch.randn(shape, generator=g)
-    t = 0.1 + 0.8 * torch.rand(batch, generator=g)
-    s, y = torch.ones(batch), torch.randint(0, data["num_classes"], (batch,), generator=g)
+    x, t, y = _inputs(data, batch, SEED + 7, device)
+    s = torch.ones_like(t)
     t0 = time.perf_counter()
     with torch.no_grad():
         v = teacher(x, t, y)
@@ -147,10 +167,96 @@ def jvp_check(student, teacher, data: dict, batch: int) -> dict:
             "fd_eps": 1e-4, "jvp_plus_teacher_seconds": jvp_seconds, "seconds": time.perf_counter() - t0}
 
 
-def worker(rank, world, port, model, precision, batch, steps, first_step, reduced, out):
+def sdpa_backends(fn) -> list[str]:
+    """The attention kernels `fn()` ran, from the profiler's operator names (decm's JVP computes attention
+    with matmul + softmax, decm.method.jvp._plain_attention, and shows as such)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.name for e in prof.events()}
+    found = sorted({label for op, label in SDPA_OPS.items() if op in names})
+    if not found and {"aten::softmax", "aten::_softmax"} & names:
+        found = ["matmul + softmax (decm's JVP rule)"]
+    return found
+
+
+def measure_passes(student, teacher, opt, params, data: dict, batch: int, device, precision: str,
+                   repeats: int = 3) -> dict:
+    """Median seconds of the passes a DE-CM step is made of, and the attention kernel each one ran.
+
+    F: no-grad student forward; J: the no-grad JVP of L_cm (fp32, outside autocast, as the objective runs
+    it); W: with-grad student forward + backward; T: the CFG teacher call (twice the batch); FM step:
+    a flow-matching step of the student (with-grad forward at s = t, MSE to x₁ − z, backward, clip,
+    AdamW); L_cm step: the objective with the L_cm term alone + clip + AdamW.
+    """
+    from bench._timing import median_seconds
+    from decm import parallel
+    from decm.method.guidance import CFG
+    from decm.method.jvp import flow_map_jvp
+    from decm.method.losses import CMLoss
+    from decm.method.objective import Objective, Term
+    from decm.method.selectors import Consistency
+
+    x, t, y = _inputs(data, batch, SEED + 11, device)
+    z = torch.randn_like(x)
+    ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    guidance = CFG(scale=CFG_SCALE, clip_norm=CFG_CLIP)
+    cm_only = Objective([Term("cm", Consistency(), CMLoss())], guidance=guidance)
+    with torch.no_grad():
+        v = guidance(teacher, x, t, y)
+
+    def forward():
+        with torch.no_grad(), autocast:
+            student(x, t, ones, y)
+
+    def jvp():
+        flow_map_jvp(student, x, t, ones, y, v, ones, zeros, method="autograd")
+
+    def with_grad():
+        with autocast:
+            out = student(x, t, ones, y)
+        out.float().square().mean().backward()
+        opt.zero_grad(set_to_none=True)
+
+    def teacher_call():
+        with torch.no_grad(), autocast:
+            guidance(teacher, x, t, y)
+
+    def fm_step():
+        xt = (1 - t.view(-1, 1, 1, 1)) * z + t.view(-1, 1, 1, 1) * x
+        with autocast:
+            out = student(xt, t, t, y)
+        ((out.float() - (x - z)) ** 2).mean().backward()
+        parallel.clip_grad_norm(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def cm_step():
+        with autocast:
+            cm_only(student, teacher, x, y, 1, torch.Generator().manual_seed(SEED), backward=True)
+        parallel.clip_grad_norm(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    passes = {"forward": forward, "jvp": jvp, "with_grad": with_grad, "teacher_cfg": teacher_call,
+              "fm_step": fm_step, "cm_step": cm_step}
+    out = {"seconds": {k: median_seconds(fn, device, repeats) for k, fn in passes.items()},
+           "attention": {k: sdpa_backends(passes[k]) for k in ("forward", "jvp", "with_grad", "teacher_cfg")}}
+    sec = out["seconds"]
+    out["jvp_in_forwards"] = sec["jvp"] / sec["forward"]
+    out["cm_step_over_fm_step"] = sec["cm_step"] / sec["fm_step"]
+    return out
+
+
+def worker(rank, world, port, model, mode, precision, batch, steps, first_step, reduced, device_type, passes, out):
     """One rank of one configuration; writes `out`-<rank>.json after every phase."""
-    os.environ.update(OMP_NUM_THREADS=str(max(1, 2 // world)))
-    torch.set_num_threads(max(1, 2 // world))
+    if device_type == "cpu":
+        os.environ.update(OMP_NUM_THREADS=str(max(1, 2 // world)))
+        torch.set_num_threads(max(1, 2 // world))
+    else:
+        torch.cuda.set_device(rank)
     if world > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
@@ -166,15 +272,15 @@ def worker(rank, world, port, model, precision, batch, steps, first_step, reduce
         os.replace(tmp, f"{out}-{rank}.json")
 
     record["rss_at_start"] = rss_bytes()
-    windows = Windows(torch.device("cpu"), tensors=True, rss=True)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    windows = Windows(device, tensors=True, rss=True)
     from decm import distributed, parallel, train_state
     from decm.method.guidance import CFG
     from decm.method.objective import decm_objective
     from decm.method.teachers import NetworkTeacher
     from decm.seeding import step_generator
 
-    info = distributed.init("cpu")
-    mode = "fsdp" if world > 1 else "none"
+    info = distributed.init(device_type)
     build, data = architecture(model, reduced)
     t0 = time.perf_counter()
     windows.mark("build")
@@ -184,19 +290,22 @@ def worker(rank, world, port, model, precision, batch, steps, first_step, reduce
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     teacher = NetworkTeacher(t_net)
     objective = decm_objective(guidance=CFG(scale=CFG_SCALE, clip_norm=CFG_CLIP))
-    wrapped = parallel.wrap(student, ema, teacher, mode, world, info.device, precision, shard_teacher=mode == "fsdp")
+    if mode == "fsdp":  # shard on the meta device: each rank materialises only its shards
+        wrapped = parallel.wrap(student, ema, teacher, mode, world, info.device, precision, shard_teacher=True)
     for m in (t_net, student, ema):
-        m.to_empty(device="cpu")
+        m.to_empty(device=info.device)
     _fill(t_net, rank, world, student=False)
     _fill(student, rank, world, student=True)
     _copy_params(student, ema)
+    if mode != "fsdp":
+        wrapped = parallel.wrap(student, ema, teacher, mode, world, info.device, precision)
     record["parameters"] = {"student": sum(p.numel() for p in student.parameters()),
                             "teacher": sum(p.numel() for p in t_net.parameters())}
     record["build_seconds"] = time.perf_counter() - t0
     write("built")
     if world == 1 and precision == "fp32":
         windows.mark("jvp_check")
-        record["jvp_check"] = jvp_check(student, teacher, data, batch=1)
+        record["jvp_check"] = jvp_check(student, teacher, data, 1, info.device)
         write("jvp_check")
     groups = train_state.param_groups(student, objective)
     params = [p for g in groups for p in g["params"]]
@@ -208,12 +317,13 @@ def worker(rank, world, port, model, precision, batch, steps, first_step, reduce
             p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    autocast = torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
     record["steps"] = []
     for step in range(first_step, first_step + steps):
         g = step_generator(SEED, rank, step)
         x1 = torch.randn((batch, data["in_channels"], data["input_size"], data["input_size"]), generator=g)
         y = torch.randint(0, data["num_classes"], (batch,), generator=g)
+        x1, y = x1.to(info.device), y.to(info.device)
         opt.zero_grad(set_to_none=True)
         windows.mark(f"step{step}")
         with autocast:
@@ -232,6 +342,9 @@ def worker(rank, world, port, model, precision, batch, steps, first_step, reduce
                                 "finite": all(math.isfinite(v) for v in losses.values()) and math.isfinite(float(grad_norm))})
         write(f"step{step}")
     windows.close()
+    if passes and world == 1:
+        record["passes"] = measure_passes(student, teacher, opt, params, data, batch, info.device, precision)
+        write("passes")
     record["windows"] = windows.result()
     record["unrecorded_frees"] = windows.unrecorded_frees
     record["rss_reset_worked"] = windows.rss_reset_works()
@@ -263,30 +376,40 @@ def run_config(model, config, args, tmp) -> dict:
     """Checks the prediction against the limits, runs the configuration, collects its ranks' records."""
     import torch.multiprocessing as mp
 
-    world, precision = CONFIGS[config]
-    pred = predicted(model, args.reduced, world, precision, args.batch, args.fsdp_grads)
-    need = world * (pred["peak"] + PROCESS_BYTES)
+    mode, world, precision = parse_config(config)
+    pred = predicted(model, args.reduced, mode, world, precision, args.batch, args.fsdp_grads)
     row = {"model": model, "config": config, "world": world, "precision": precision, "batch_per_rank": args.batch,
-           "mode": "fsdp (teacher sharded)" if world > 1 else "one process", "predicted": pred,
-           "predicted_machine_bytes": need, "limit_bytes": args.max_gib * 2 ** 30,
-           "available_bytes_at_launch": available_bytes()}
-    waited = time.time()
-    while need <= row["limit_bytes"] and need > row["available_bytes_at_launch"] - 2 ** 30 and args.deadline \
-            and time.time() + 60 < args.deadline:  # other jobs hold memory now: wait for it, up to the deadline
-        time.sleep(15)
-        row["available_bytes_at_launch"] = available_bytes()
-    row["waited_for_memory_seconds"] = time.time() - waited
-    limit = min(row["limit_bytes"], row["available_bytes_at_launch"] - 2 ** 30)
-    if need > limit:
-        row["status"] = "refused"
-        row["reason"] = (f"predicted {need / 2 ** 30:.2f} GiB for {world} process(es) > limit {limit / 2 ** 30:.2f} GiB "
-                         f"(--max-gib {args.max_gib}, available now {row['available_bytes_at_launch'] / 2 ** 30:.2f} GiB"
-                         f" − 1 GiB): over by {(need - limit) / 2 ** 30:.2f} GiB")
-        return row
+           "device": args.device, "mode": {"none": "one process", "ddp": "DDP", "fsdp": "FSDP (teacher sharded)"}[mode],
+           "predicted": pred}
+    if args.device == "cuda":  # per GPU: the prediction + ~1 GB of CUDA context against the free memory of GPU 0
+        need, free = pred["peak"] + 2 ** 30, torch.cuda.mem_get_info(0)[0]
+        if world > torch.cuda.device_count() or need > free:
+            row["status"] = "refused"
+            row["reason"] = (f"needs {world} GPUs with {need / 2 ** 30:.1f} GiB each; {torch.cuda.device_count()} visible, "
+                             f"{free / 2 ** 30:.1f} GiB free on GPU 0")
+            return row
+    else:
+        need = world * (pred["peak"] + PROCESS_BYTES)
+        row.update(predicted_machine_bytes=need, limit_bytes=args.max_gib * 2 ** 30,
+                   available_bytes_at_launch=available_bytes())
+        waited = time.time()
+        while need <= row["limit_bytes"] and need > row["available_bytes_at_launch"] - 2 ** 30 and args.deadline \
+                and time.time() + 60 < args.deadline:  # other jobs hold memory now: wait for it, up to the deadline
+            time.sleep(15)
+            row["available_bytes_at_launch"] = available_bytes()
+        row["waited_for_memory_seconds"] = time.time() - waited
+        available = row["available_bytes_at_launch"] - 2 ** 30
+        if need > min(row["limit_bytes"], available):
+            row["status"] = "refused"
+            row["reason"] = (f"predicted {need / 2 ** 30:.2f} GiB for {world} process(es): over --max-gib {args.max_gib:g} by "
+                             f"{(need - row['limit_bytes']) / 2 ** 30:.2f} GiB, over the memory available now "
+                             f"({row['available_bytes_at_launch'] / 2 ** 30:.2f} GiB − 1 GiB) by "
+                             f"{(need - available) / 2 ** 30:.2f} GiB")
+            return row
     out = os.path.join(tmp, f"{model}-{config.replace(':', '-')}")
     t0 = time.time()
-    ctx = mp.start_processes(worker, args=(world, _port(), model, precision, args.batch, args.steps, args.first_step,
-                                           args.reduced, out),
+    ctx = mp.start_processes(worker, args=(world, _port(), model, mode, precision, args.batch, args.steps,
+                                           args.first_step, args.reduced, args.device, args.passes, out),
                              nprocs=world, start_method="spawn", join=False)
     status = "ok"
     try:
@@ -319,10 +442,35 @@ def run_config(model, config, args, tmp) -> dict:
         row["peak_over_predicted"] = row["peak"] / pred["peak"]
         row["step_seconds"] = [max(r["windows"][s]["seconds"] for r in done) for s in steps]
         row["losses_finite"] = all(st["finite"] for r in done for st in r["steps"])
-        row["images_per_second"] = world * args.batch / (sum(row["step_seconds"]) / len(steps))
-    if ranks and "jvp_check" in ranks[0]:
-        row["jvp_check"] = ranks[0]["jvp_check"]
+        timed = row["step_seconds"][1:] or row["step_seconds"]  # the first step warms up when there are several
+        row["images_per_second"] = world * args.batch / (sum(timed) / len(timed))
+    for key in ("jvp_check", "passes"):
+        if ranks and key in ranks[0]:
+            row[key] = ranks[0][key]
     return row
+
+
+def table(rows: list[dict]) -> str:
+    """One Markdown table of the rows (any mix of devices and configurations)."""
+    def gib(b):
+        return f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.1f} MiB"
+
+    lines = ["| model | config | device | batch/rank | status | img/s | step s | peak per rank (predicted) | "
+             "L_cm ÷ FM step | JVP in forwards | attention: forward / JVP / with-grad |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pa = r.get("passes")
+        att = " / ".join(", ".join(pa["attention"][k]) or "—" for k in ("forward", "jvp", "with_grad")) if pa else "—"
+        peak = f"{gib(r['peak'])} ({gib(r['predicted']['peak'])})" if "peak" in r else (
+            f"— ({gib(r['predicted']['peak'])})" if "predicted" in r else "—")
+        lines.append(f"| {r['model']} | {r['config']} | {r.get('device', 'cpu')} | {r.get('batch_per_rank', '—')} | "
+                     f"{r['status'].split(':')[0]} | {r['images_per_second']:.2f} |" if "images_per_second" in r else
+                     f"| {r['model']} | {r['config']} | {r.get('device', 'cpu')} | {r.get('batch_per_rank', '—')} | "
+                     f"{r['status'].split(':')[0]} | — |")
+        step = f"{sum(r['step_seconds']) / len(r['step_seconds']):.3g}" if "step_seconds" in r else "—"
+        lines[-1] += (f" {step} | {peak} | " + (f"{pa['cm_step_over_fm_step']:.2f} | {pa['jvp_in_forwards']:.2f} | "
+                                                if pa else "— | — | ") + f"{att} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -333,7 +481,15 @@ def main(argv=None) -> int:
     p = cli.parser("python bench/xl_cpu.py", __doc__)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="architectures, in order")
     p.add_argument("--configs", nargs="+", default=["single:fp32", "fsdp2:fp32", "single:bf16", "fsdp2:bf16"],
-                   choices=list(CONFIGS), help="configurations per model, in order")
+                   help="configurations, in order: single:<p>, ddp<N>:<p> or fsdp<N>:<p> (N ranks; FSDP shards the "
+                        "teacher), <p> = fp32 or bf16 (autocast)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu (gloo, 2 threads per configuration) or cuda (one GPU per rank, NCCL)")
+    p.add_argument("--passes", action="store_true",
+                   help="one-process configurations: also time the forward, JVP, with-grad pass, CFG teacher call, "
+                        "an FM step and an L_cm step, and record the attention kernel of each pass")
+    p.add_argument("--table", nargs="+", metavar="JSON", default=None,
+                   help="print one table of these result files and exit (nothing is run)")
     p.add_argument("--batch", type=int, default=2, help="samples per rank")
     p.add_argument("--steps", type=int, default=1, help="training steps per configuration (step 0 runs all three terms)")
     p.add_argument("--first-step", type=int, default=0,
@@ -346,9 +502,25 @@ def main(argv=None) -> int:
     p.add_argument("--reduced", action="store_true", help="width 64, depth 2, 4 heads (the test suite's version)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/xl_cpu[-reduced].json)")
     args = p.parse_args(argv)
+    if args.table:
+        rows = []
+        for path in args.table:
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+        print(table(rows))
+        return 0
     if args.batch < 1 or args.steps < 1 or args.first_step < 0 or args.max_gib <= 0:
         print("bench/xl_cpu.py: error: --batch and --steps must be ≥ 1, --first-step ≥ 0 and --max-gib > 0",
               file=sys.stderr)
+        return 2
+    try:
+        for config in args.configs:
+            parse_config(config)
+    except ValueError as e:
+        print(f"bench/xl_cpu.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/xl_cpu.py: error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
     args.out = args.out or os.path.join("bench", "results", "xl_cpu-reduced.json" if args.reduced else "xl_cpu.json")
     args.deadline = time.time() + 60 * args.deadline_minutes if args.deadline_minutes > 0 else 0
@@ -367,8 +539,7 @@ def main(argv=None) -> int:
                     file=sys.stderr, flush=True)
                 _write(args, rows, t0)
     _write(args, rows, t0)
-    print(json.dumps([{k: r.get(k) for k in ("model", "config", "status", "peak", "peak_over_predicted",
-                                             "step_seconds", "losses_finite")} for r in rows], indent=1))
+    print(table(rows))
     return 0 if all(r["status"] in ("ok", "refused") or r["status"].startswith("not started") for r in rows) else 1
 
 
@@ -376,7 +547,8 @@ def _write(args, rows, t0) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"rows": rows, "reduced": args.reduced, "seconds": time.time() - t0, "torch": torch.__version__,
+        json.dump({"rows": rows, "reduced": args.reduced, "device": args.device,
+                   "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(), "seconds": time.time() - t0, "torch": torch.__version__,
                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                                "shared": "timings measured under load from other jobs; see load_average_after"},

@@ -194,7 +194,7 @@ def test_xl_cpu_reduced_trains_finite_with_an_exact_jvp_and_the_predicted_peak(t
     per-rank peak is within 15% of decm.memory's prediction."""
     out = tmp_path / "xl.json"
     r = _run_bench(["bench/xl_cpu.py", "--reduced", "--models", "lightningdit-xl1", "--configs", "single:fp32",
-                    "fsdp2:fp32", "--out", str(out)])
+                    "fsdp2:fp32", "--fsdp-grads", "unsharded", "--passes", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {row["config"]: row for row in json.loads(out.read_text())["rows"]}
     single, fsdp = rows["single:fp32"], rows["fsdp2:fp32"]
@@ -208,6 +208,10 @@ def test_xl_cpu_reduced_trains_finite_with_an_exact_jvp_and_the_predicted_peak(t
     assert set(l_single) == {"loss/cm", "loss/fm", "loss/n2n", "loss/total"}
     for k in ("loss/cm", "loss/n2n"):  # rank 0 draws the same batch in both; the JVP terms see the same weights
         assert l_fsdp[k] == pytest.approx(l_single[k], rel=1e-4), k
+    passes = single["passes"]  # what bench/gpu_check.sh reports on CUDA, here on CPU
+    assert passes["attention"] == {"forward": ["flash (CPU)"], "jvp": ["matmul + softmax (decm's JVP rule)"],
+                                   "with_grad": ["flash (CPU)"], "teacher_cfg": ["flash (CPU)"]}
+    assert passes["jvp_in_forwards"] > 1 and passes["cm_step_over_fm_step"] > 1, passes["seconds"]
 
 
 def test_xl_cpu_refuses_a_configuration_predicted_above_the_memory_limit(tmp_path):
@@ -217,6 +221,20 @@ def test_xl_cpu_refuses_a_configuration_predicted_above_the_memory_limit(tmp_pat
                     "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["status"] == "refused" and "over by" in row["reason"], row
+    assert row["status"] == "refused" and "over --max-gib 8 by" in row["reason"], row
     assert row["predicted_machine_bytes"] > 8 * 2 ** 30
     assert row["predicted"]["peak"] > 9e9  # the real SiT-XL/2: ≈ 9.9 GB per rank over 2 ranks, teacher sharded
+
+
+def test_gpu_check_without_a_gpu_is_one_line_and_xl_cpu_refuses_a_malformed_configuration():
+    """bench/gpu_check.sh with no CUDA device visible (hidden here, so the test means the same on any machine)
+    exits 2 with one line; a configuration xl_cpu.py cannot parse is a one-line error too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable}
+    r = subprocess.run(["bash", "bench/gpu_check.sh"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and r.stderr.strip() == f"bench/gpu_check.sh: no CUDA device visible to {sys.executable}"
+    r = _run_bench(["bench/xl_cpu.py", "--configs", "fsdp1:fp32"])
+    assert r.returncode == 2 and "expected single:<p>, ddp<N>:<p> or fsdp<N>:<p> with N ≥ 2" in r.stderr
