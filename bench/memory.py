@@ -167,12 +167,14 @@ def summarise(prof: list[dict], timed: list[dict]) -> dict:
             "parallel": prof[0]["parallel"]}
 
 
-def predicted(preset: str, kwargs: dict, world: int, label: str, batch: int, autocast_dtype=None) -> dict:
+def predicted(preset: str, kwargs: dict, world: int, label: str, batch: int, autocast_dtype=None,
+              fsdp_grads: str = "sharded", foreach: bool = False) -> dict:
     from decm import memory
 
     mode, shard_teacher = MODES[label]
     return memory.predict_step_peak(backbone(preset), kwargs, batch, world, mode, teacher=True,
-                                    shard_teacher=shard_teacher, autocast_dtype=autocast_dtype)
+                                    shard_teacher=shard_teacher, autocast_dtype=autocast_dtype,
+                                    unsharded_grads=fsdp_grads == "unsharded", optimizer_foreach=foreach)
 
 
 def table(rows: list[dict]) -> str:
@@ -208,6 +210,9 @@ def main(argv=None) -> int:
                    help="parallel modes measured at each world > 1")
     p.add_argument("--computed-worlds", nargs="+", type=int, default=[1, 8, 16],
                    help="world sizes of the predicted-only rows (XL/2, LightningDiT-XL/1, 2B/2)")
+    p.add_argument("--fsdp-grads", choices=["sharded", "unsharded"], default="unsharded",
+                   help="what the prediction of the measured FSDP rows assumes the loop holds between the terms' "
+                        "backwards: 'unsharded' (reduction deferred to the last term) or 'sharded'")
     p.add_argument("--no-timing", dest="timing", action="store_false",
                    help="skip the unprofiled second run (step time and RSS then come from the profiled run)")
     p.add_argument("--out", default="bench/results", help="output directory (memory.json, memory.md)")
@@ -226,7 +231,8 @@ def main(argv=None) -> int:
                     measured = summarise(prof, run(preset, world, label, teacher_dir, tmp, False) if args.timing else prof)
                     row = {"preset": preset, "world": world, "mode": label, "kind": "measured",
                            "batch_per_rank": BATCH_PER_RANK, **measured,
-                           "predicted": predicted(preset, IMAGE, world, label, BATCH_PER_RANK)}
+                           "predicted": predicted(preset, IMAGE, world, label, BATCH_PER_RANK,
+                                                  fsdp_grads=args.fsdp_grads)}
                     rows.append(row)
                     print(f"[memory] {preset} world {world} {label}: peak {row['peak'] / 1e6:.2f} MB, predicted "
                           f"{row['predicted']['peak'] / 1e6:.2f} MB, RSS {row['rss_peak'] / 1e6:.0f} MB, "
@@ -241,9 +247,12 @@ def main(argv=None) -> int:
         for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             for world in args.computed_worlds:
                 for label in (["none"] if world == 1 else ["ddp", "fsdp+st"]):
-                    pred = predicted(preset, kwargs, world, label, COMPUTED_BATCH, dtype)
+                    pred = predicted(preset, kwargs, world, label, COMPUTED_BATCH, dtype, "sharded", foreach=True)
                     rows.append({"preset": preset, "world": world, "mode": label, "kind": "computed",
                                  "precision": precision, "batch_per_rank": COMPUTED_BATCH, "predicted": pred,
+                                 "predicted_if_fsdp_grads_unsharded": predicted(
+                                     preset, kwargs, world, label, COMPUTED_BATCH, dtype, "unsharded", foreach=True)
+                                 if label.startswith("fsdp") else None,
                                  **{k: pred[k] for k in ("params", "optimizer", "ema", "teacher")},
                                  "grads": pred["grads"]})
     os.makedirs(args.out, exist_ok=True)
@@ -255,7 +264,7 @@ def main(argv=None) -> int:
                    "commit": _commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                     "load_average_at_end": os.getloadavg()},
                    "threads_per_rank": 1, "batch_per_rank": BATCH_PER_RANK, "image": IMAGE,
-                   "measured_steps": list(MEASURED_STEPS), "timing_run": args.timing, "cfg": {"scale": CFG_SCALE, "clip_norm": CFG_CLIP}},
+                   "measured_steps": list(MEASURED_STEPS), "timing_run": args.timing, "fsdp_grads_assumed": args.fsdp_grads, "cfg": {"scale": CFG_SCALE, "clip_norm": CFG_CLIP}},
                   f, indent=1)
     print(text)
     print(f"\n→ {args.out}/memory.json, memory.md")

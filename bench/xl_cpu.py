@@ -85,13 +85,13 @@ def architecture(model: str, reduced: bool):
 
 
 def predicted(model: str, reduced: bool, mode: str, world: int, precision: str, batch: int,
-              fsdp_grads: str = "sharded") -> dict:
+              fsdp_grads: str = "sharded", device: str = "cpu") -> dict:
     from decm import memory
 
     build, data = architecture(model, reduced)
     return memory.predict_step_peak(build, data, batch, world, mode, teacher=True, shard_teacher=mode == "fsdp",
                                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
-                                    unsharded_grads=fsdp_grads == "unsharded")
+                                    unsharded_grads=fsdp_grads == "unsharded", optimizer_foreach=device == "cuda")
 
 
 def _value(name: str, shape, salt: int) -> torch.Tensor:
@@ -377,7 +377,7 @@ def run_config(model, config, args, tmp) -> dict:
     import torch.multiprocessing as mp
 
     mode, world, precision = parse_config(config)
-    pred = predicted(model, args.reduced, mode, world, precision, args.batch, args.fsdp_grads)
+    pred = predicted(model, args.reduced, mode, world, precision, args.batch, args.fsdp_grads, args.device)
     row = {"model": model, "config": config, "world": world, "precision": precision, "batch_per_rank": args.batch,
            "device": args.device, "mode": {"none": "one process", "ddp": "DDP", "fsdp": "FSDP (teacher sharded)"}[mode],
            "predicted": pred}

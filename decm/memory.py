@@ -135,7 +135,8 @@ FSDP_BLOCKS_IN_JVP = 2
 
 
 def predict_step_peak(build, kwargs: dict, batch: int, world: int, mode: str, teacher: bool = True,
-                      shard_teacher: bool = False, autocast_dtype=None, unsharded_grads: bool = False) -> dict:
+                      shard_teacher: bool = False, autocast_dtype=None, unsharded_grads: bool = False,
+                      optimizer_foreach: bool = False) -> dict:
     """Predicted peak bytes per rank during one DE-CM training step (decm.train's loop, backward per term).
 
     peak = resident + grads + unit + activations + temporaries, where
@@ -156,8 +157,11 @@ def predict_step_peak(build, kwargs: dict, batch: int, world: int, mode: str, te
     backwards: all gradients exist) can set the peak instead when tokens² is large against the width:
     resident + grads + FSDP_BLOCKS_IN_JVP blocks and the root (FSDP) + JVP_SCORE_COPIES × batch ×
     heads × tokens² + JVP_WIDE_COPIES × the largest saved activation (all fp32: the JVP runs outside
-    autocast). "peak" is the larger of the two phases. The no-grad teacher call (CFG: twice the
-    batch, fused attention) holds a few activation-sized tensors and sets neither.
+    autocast). With `optimizer_foreach` (AdamW's multi-tensor path, PyTorch's default on CUDA) the
+    update allocates one more copy of the (local) trainable parameters while the gradients are alive:
+    the optimizer phase, resident + grads + that copy. "peak" is the largest phase. The no-grad
+    teacher call (CFG: twice the batch, fused attention) holds a few activation-sized tensors and
+    sets none.
 
     Args:
       build: backbone factory, called as build(**kwargs, flow_map=...) inside FakeTensorMode.
@@ -169,6 +173,8 @@ def predict_step_peak(build, kwargs: dict, batch: int, world: int, mode: str, te
       shard_teacher: the teacher is sharded too (FSDP).
       autocast_dtype: None (fp32) or torch.bfloat16 (activations under autocast; weights stay fp32).
       unsharded_grads: FSDP holds unsharded gradients between the terms (see above).
+      optimizer_foreach: AdamW runs its multi-tensor (foreach) update (CUDA's default; on CPU it
+        updates one tensor at a time).
 
     Returns the parts and "peak", in bytes.
     """
@@ -208,5 +214,6 @@ def predict_step_peak(build, kwargs: dict, batch: int, world: int, mode: str, te
     out["jvp_transient"] = JVP_SCORE_COPIES * batch * heads * tokens ** 2 * FP32 + JVP_WIDE_COPIES * largest_fp32
     jvp_unit = (FSDP_BLOCKS_IN_JVP * units["block"] + units["root"]) if mode == "fsdp" else 0
     out["jvp_phase"] = out["resident"] + out["grads"] + jvp_unit + out["jvp_transient"]
-    out["peak"] = max(out["with_grad_phase"], out["jvp_phase"])
+    out["optimizer_phase"] = out["resident"] + train_bytes + (train_bytes if optimizer_foreach else 0)
+    out["peak"] = max(out["with_grad_phase"], out["jvp_phase"], out["optimizer_phase"])
     return out

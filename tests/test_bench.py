@@ -215,15 +215,40 @@ def test_xl_cpu_reduced_trains_finite_with_an_exact_jvp_and_the_predicted_peak(t
 
 
 def test_xl_cpu_refuses_a_configuration_predicted_above_the_memory_limit(tmp_path):
-    """A configuration whose predicted memory exceeds --max-gib is not started; the file says by how much."""
+    """A configuration whose predicted memory (per-rank peak + each process's own, times the ranks) exceeds
+    --max-gib is not started; the file says by how much."""
     out = tmp_path / "xl.json"
-    r = _run_bench(["bench/xl_cpu.py", "--models", "sit-xl2", "--configs", "fsdp2:fp32", "--max-gib", "8",
+    r = _run_bench(["bench/xl_cpu.py", "--reduced", "--models", "sit-xl2", "--configs", "fsdp2:fp32", "--max-gib", "0.5",
                     "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["status"] == "refused" and "over --max-gib 8 by" in row["reason"], row
-    assert row["predicted_machine_bytes"] > 8 * 2 ** 30
-    assert row["predicted"]["peak"] > 9e9  # the real SiT-XL/2: ≈ 9.9 GB per rank over 2 ranks, teacher sharded
+    assert row["status"] == "refused" and "over --max-gib 0.5 by" in row["reason"], row
+    assert row["predicted_machine_bytes"] == 2 * (row["predicted"]["peak"] + load_bench("xl_cpu").PROCESS_BYTES)
+    assert "ranks" not in row  # nothing was started
+
+
+def test_step_peak_model_counts_the_state_by_hand_and_traces_the_real_activations():
+    """decm.memory.predict_step_peak on the tiny SiT: the state parts equal a count of the parameters by hand
+    (DDP: + one bucket copy of the trainable ones; FSDP over 4: each ÷ 4 up to dim-0 padding, 5% here), and the
+    activations traced on fake tensors equal the bytes a real CPU forward saves for backward."""
+    from decm import memory
+
+    build = lambda **k: sit("tiny", time_scale=1.0, **k)  # noqa: E731
+    data = dict(input_size=16, in_channels=4, num_classes=10)
+    student, t_net = build(**data, flow_map=True), build(**data, flow_map=False)
+    n_all = sum(p.numel() for p in student.parameters())
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    n_teacher = sum(p.numel() for p in t_net.parameters())
+    ddp = memory.predict_step_peak(build, data, 4, 2, "ddp")
+    assert (ddp["params"], ddp["grads"], ddp["optimizer"], ddp["ema"], ddp["teacher"], ddp["ddp_buckets"]) == (
+        4 * n_all, 4 * n_train, 8 * n_train, 4 * n_all, 4 * n_teacher, 4 * n_train)
+    fsdp = memory.predict_step_peak(build, data, 4, 4, "fsdp", shard_teacher=True)
+    assert n_all <= fsdp["params"] <= 1.05 * n_all and fsdp["ddp_buckets"] == 0  # pos_embed (dim 0 = 1) is whole
+    assert n_teacher <= fsdp["teacher"] <= 1.05 * n_teacher
+    real = memory.trace_activations(student, 4, (4, 16, 16), 10)
+    assert ddp["activations"] == real["saved"] > 0
+    bf16 = memory.predict_step_peak(build, data, 4, 1, "none", autocast_dtype=torch.bfloat16)["activations"]
+    assert 0.5 * real["saved"] < bf16 < 0.9 * real["saved"]  # autocast saves bf16 matmul inputs, fp32 norms
 
 
 def test_gpu_check_without_a_gpu_is_one_line_and_xl_cpu_refuses_a_malformed_configuration():
