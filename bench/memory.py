@@ -22,9 +22,12 @@ configuration runs twice in fresh processes:
      slowest rank.
 
 Predicted (decm/memory.py): resident state + gradients + the FSDP transient unit + the activations
-saved by one with-grad forward (traced with fake tensors) + the backward's temporaries. Each measured
-row carries its prediction and the ratio measured / predicted. Computed rows (no measurement): XL/2,
-LightningDiT-XL/1 and 2B/2 at world 1, 8 and 16, batch 32 per GPU, fp32 and bf16-autocast activations.
+saved by one with-grad forward (traced with fake tensors) + the backward's temporaries, or the JVP's
+or the optimizer's phase when larger. Each measured row carries its prediction (`--fsdp-grads`: what
+FSDP holds between the terms' backwards) and the ratio measured / predicted. Computed rows (no
+measurement): XL/2, LightningDiT-XL/1 and 2B/2 at world 1, 8 and 16, batch 32 per GPU, fp32 and
+bf16-autocast activations, AdamW's multi-tensor update (CUDA's default), FSDP's gradients sharded
+during the whole step — and, beside it, the peak if they are held unsharded between the terms.
 
 Step times come from a shared 2-core machine unless stated otherwise: read the FSDP/DDP ratio, not the
 seconds. Writes `<out>/memory.json` and `<out>/memory.md` (default out: bench/results).
