@@ -256,6 +256,13 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     return total
 
 
+def shard_checksum(module: nn.Module) -> float:
+    """Σ p² over this rank's own part of the module (its local shards; every parameter when unsharded),
+    in float64, with no collective: under FSDP it differs between ranks, so comparing it rank by rank
+    checks each rank's shards, where `param_checksum` is the same number everywhere by construction."""
+    return float(sum(local(p.detach()).double().square().sum().cpu() for p in module.parameters()))
+
+
 def param_checksum(module: nn.Module) -> float:
     """Σ p² over the whole (possibly sharded) module, in float64; the same number on every rank."""
     total = torch.zeros((), dtype=torch.float64)

@@ -275,7 +275,7 @@ def train(
     checksum = data_parallel.param_checksum(model)
     return {"stage": stage, "run_dir": run_dir, "step": done, "steps": steps, "seconds": elapsed,
             "last_stats": last_stats, "totals": totals, "world_size": info.world_size, "rank": info.rank,
-            "param_checksum": checksum, "parallel": mode}
+            "param_checksum": checksum, "shard_checksum": data_parallel.shard_checksum(model), "parallel": mode}
 
 
 def check_numbers(**values) -> None:

@@ -4,12 +4,15 @@ The runs go through decm.train.train in spawned processes (2 and 4 ranks): all t
 JVPs, CFG with clipping (η = 1, active), backward per term. Compared with DDP on the same global
 batch, the per-step losses must agree to 1e-6 and the parameters after 5 steps to 1e-5; sharded
 checkpoints must resume bit-identically, reshard from 4 ranks to 2, and export to a single file that
-DDP runs and evaluation read.
+DDP runs and evaluation read. A skipped step (non-finite targets on one rank) must leave FSDP equal to
+DDP, never hang, and gradient memory must stay a shard during the step. Every multi-process run has a
+deadline: a hang fails the test instead of blocking the suite.
 """
 
 import json
 import os
 import socket
+import time
 
 import gin
 import pytest
@@ -19,6 +22,7 @@ import torch.multiprocessing as mp
 from decm import checkpoint, sharded_checkpoint, train_state
 
 STEPS = 5
+DEADLINE_S = 300  # per multi-process run; a step of these tiny models takes well under a second
 
 SIT = ["train.dataset = @datasets.digits()", "datasets.digits.conditional = True", "train.backbone = @backbones.sit",
        "backbones.sit.preset = 'tiny'", "backbones.sit.time_scale = 1.0", "guidance.cfg.scale = 1.5",
@@ -27,10 +31,28 @@ MLP = ["train.dataset = @datasets.gaussian_mixture_2d()", "train.backbone = @bac
        "backbones.mlp.width = 32", "backbones.mlp.depth = 2", "guidance.cfg.scale = 1.0"]
 
 
+class Hang(AssertionError):
+    """The processes did not finish before the deadline (they were killed)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn(fn, args, nprocs: int, deadline_s: float = DEADLINE_S) -> None:
+    """mp.start_processes with a deadline: raises Hang (after killing them) when the ranks are not done."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, start_method="spawn", join=False)
+    end = time.monotonic() + deadline_s
+    while not ctx.join(timeout=1.0):  # raises ProcessRaisedException when a rank fails
+        if time.monotonic() > end:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            for p in ctx.processes:
+                p.join()
+            raise Hang(f"{nprocs} ranks still running after {deadline_s:.0f} s (killed)")
 
 
 def make_teacher(kind: str, path: str, width: int = 32) -> str:
@@ -51,7 +73,22 @@ def make_teacher(kind: str, path: str, width: int = 32) -> str:
     return path
 
 
-def worker(rank, world, port, run_dir, teacher_dir, bindings, train_kwargs):
+def inject_nonfinite_targets(rank: int, at: dict) -> None:
+    """Makes the targets of term `at['term']` all NaN on the ranks `at['ranks']` at step `at['step']` (their
+    verdict for the term is 'skip the step')."""
+    from decm.method.objective import Context
+
+    original = Context.sanitize
+
+    def sanitize(self, target, pred):
+        if rank in at["ranks"] and self.step == at["step"] and list(self.selected)[-1] == at["term"]:
+            target = torch.full_like(target, float("nan"))
+        return original(self, target, pred)
+
+    Context.sanitize = sanitize
+
+
+def worker(rank, world, port, run_dir, teacher_dir, bindings, train_kwargs, inject=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -61,32 +98,36 @@ def worker(rank, world, port, run_dir, teacher_dir, bindings, train_kwargs):
     from decm.distributed import shutdown
     from decm.train import train
 
+    if inject is not None:
+        inject_nonfinite_targets(rank, inject)
     gin.parse_config_files_and_bindings(["gin/method/decm.gin"], bindings)
     try:
         with gin.config_scope("distill"):
             summary = train(run_dir=run_dir, stage="distill", teacher_checkpoint=teacher_dir, **train_kwargs)
-        if rank == 0:
-            with open(os.path.join(run_dir, "summary.json"), "w") as f:
-                json.dump(summary, f)
+        with open(os.path.join(run_dir, f"summary-{rank}.json"), "w") as f:
+            json.dump(summary, f)
     finally:
         shutdown()
 
 
-def launch(run_dir, teacher_dir, world, backbone, parallel, steps=STEPS, extra=(), **train_kwargs):
+def launch(run_dir, teacher_dir, world, backbone, parallel, steps=STEPS, extra=(), inject=None, **train_kwargs):
     bindings = list(SIT if backbone == "sit" else MLP) + [
         f"distill/train.parallel = '{parallel}'", "distill/train.teacher_source = 'checkpoint'",
         f"distill/train.steps = {steps}", "distill/train.batch_size = 4", "distill/train.log_every_steps = 1",
         f"distill/train.ckpt_every_steps = {STEPS}", "distill/train.progress = False", "distill/train.lr = 1e-3",
         "distill/train.keep_last = 0"] + list(extra)
-    mp.start_processes(worker, args=(world, free_port(), str(run_dir), teacher_dir, bindings, train_kwargs),
-                       nprocs=world, start_method="spawn")
-    with open(os.path.join(run_dir, "summary.json")) as f:
+    spawn(worker, (world, free_port(), str(run_dir), teacher_dir, bindings, train_kwargs, inject), world)
+    with open(os.path.join(run_dir, "summary-0.json")) as f:
         return json.load(f)
 
 
-def losses(run_dir):
+def stats(run_dir):
     with open(os.path.join(run_dir, "stats.jsonl")) as f:
-        return [json.loads(line)["loss/total"] for line in f]
+        return [json.loads(line) for line in f]
+
+
+def losses(run_dir):
+    return [record["loss/total"] for record in stats(run_dir)]
 
 
 def final_state(run_dir):
@@ -109,10 +150,12 @@ def teachers(tmp_path_factory):
     return {k: make_teacher(k, str(root / k)) for k in ("sit", "mlp")}
 
 
-@pytest.mark.parametrize("backbone,world", [("sit", 2), ("sit", 4), ("mlp", 2), ("mlp", 4)])
-def test_fsdp_matches_ddp_losses_and_parameters(tmp_path, teachers, backbone, world):
-    ddp = launch(tmp_path / "ddp", teachers[backbone], world, backbone, "ddp")
-    fsdp = launch(tmp_path / "fsdp", teachers[backbone], world, backbone, "fsdp")
+@pytest.mark.parametrize("backbone,world,jvp", [("sit", 2, "autograd"), ("sit", 4, "autograd"), ("mlp", 2, "autograd"),
+                                               ("mlp", 4, "autograd"), ("sit", 2, "forward_ad")])
+def test_fsdp_matches_ddp_losses_and_parameters(tmp_path, teachers, backbone, world, jvp):
+    extra = [f"objectives.objective.jvp_method = '{jvp}'"]
+    ddp = launch(tmp_path / "ddp", teachers[backbone], world, backbone, "ddp", extra=extra)
+    fsdp = launch(tmp_path / "fsdp", teachers[backbone], world, backbone, "fsdp", extra=extra)
     assert (ddp["parallel"], fsdp["parallel"], fsdp["world_size"]) == ("ddp", "fsdp", world)
     l_ddp, l_fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert len(l_ddp) == len(l_fsdp) == STEPS
@@ -135,8 +178,11 @@ def test_fsdp_resume_is_bit_identical_and_skips_an_invalid_newer_checkpoint(tmp_
     junk.mkdir()
     (junk / ".metadata").write_bytes(b"truncated")
     (ckpts / "ckpt-00000004.dcp.tmp").mkdir()  # a crash mid-save
-    resumed = launch(tmp_path / "cut", teachers["mlp"], 2, "mlp", "fsdp")
+    # keep_last = 1: the resumed run prunes after its save at step 5 (ckpt-3 goes), so a deletion path is
+    # reached — the torn, invalid ckpt-4 must survive it
+    resumed = launch(tmp_path / "cut", teachers["mlp"], 2, "mlp", "fsdp", extra=["distill/train.keep_last = 1"])
     assert junk.exists() and (junk / ".metadata").read_bytes() == b"truncated"  # reported, not deleted
+    assert not (ckpts / "ckpt-00000003.dcp").exists()  # the pruning did run
     a, _ = final_state(tmp_path / "whole")
     b, _ = final_state(tmp_path / "cut")
     assert_states_close(b, a, atol=0)
@@ -146,18 +192,24 @@ def test_fsdp_resume_is_bit_identical_and_skips_an_invalid_newer_checkpoint(tmp_
     assert losses(tmp_path / "cut")[-2:] == losses(tmp_path / "whole")[-2:]
 
 
-def test_resume_from_4_ranks_on_2_and_the_export_resumes_ddp(tmp_path, teachers):
+@pytest.mark.parametrize("backbone", ["mlp", "sit"])  # sit: first dimensions 4 ranks do not divide (pos_embed: 1)
+def test_resume_from_4_ranks_on_2_and_the_export_resumes_ddp(tmp_path, teachers, backbone):
     import shutil
 
     from decm.export import main as export_main
 
-    launch(tmp_path / "four", teachers["mlp"], 4, "mlp", "fsdp", stop_after_steps=3)
+    launch(tmp_path / "four", teachers[backbone], 4, backbone, "fsdp", stop_after_steps=3)
+    if backbone == "sit":
+        meta = sharded_checkpoint.metadata(str(tmp_path / "four" / "checkpoints" / "ckpt-00000003.dcp"))
+        uneven = [k for k, v in meta.state_dict_metadata.items()
+                  if k.startswith("model.") and getattr(v, "size", None) and len(v.size) and v.size[0] % 4]
+        assert "model.pos_embed" in uneven
     shutil.copytree(tmp_path / "four", tmp_path / "ddp")
     assert export_main([str(tmp_path / "ddp")]) == 0
     exported = torch.load(tmp_path / "ddp" / "checkpoints" / "ckpt-00000003.pt", weights_only=True)
     assert isinstance(next(iter(exported["optimizer"]["state"])), int)  # torch's own layout, readable by DDP
-    launch(tmp_path / "four", teachers["mlp"], 2, "mlp", "fsdp")  # 4 → 2 ranks, resharded by DCP
-    launch(tmp_path / "ddp", teachers["mlp"], 2, "mlp", "ddp")    # the consolidated file, under DDP
+    launch(tmp_path / "four", teachers[backbone], 2, backbone, "fsdp")  # 4 → 2 ranks, resharded by DCP
+    launch(tmp_path / "ddp", teachers[backbone], 2, backbone, "ddp")    # the consolidated file, under DDP
     a, kind_a = final_state(tmp_path / "four")
     b, kind_b = final_state(tmp_path / "ddp")
     assert (kind_a, kind_b, a["step"], b["step"]) == ("dcp", "pt", STEPS, STEPS)
@@ -211,7 +263,7 @@ def test_the_jvp_on_the_sharded_student_equals_the_single_process_one(tmp_path):
     from decm.models.sit import sit
 
     out = str(tmp_path / "tangents.pt")
-    mp.start_processes(tangent_worker, args=(2, free_port(), out), nprocs=2, start_method="spawn")
+    spawn(tangent_worker, (2, free_port(), out), 2)
     sharded = torch.load(out)
     torch.manual_seed(0)
     net = sit("tiny", input_size=8, in_channels=1, num_classes=10, flow_map=True, time_scale=1.0)
@@ -255,16 +307,230 @@ def test_fsdp_bad_input_is_one_line(tmp_path):
     assert len(err) == 1 and "needs several processes" in err[0], r.stderr
 
 
-def test_mixed_precision_policy_keeps_the_jvp_fp32_unless_asked():
+def precision_worker(rank, world, port, out):
+    """The JVP and the with-grad forward of a student sharded under the bf16-gather policy (CPU, gloo),
+    recording what the time embedder and the first block receive."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.autograd.forward_ad as fwAD
+
+    from decm import distributed, parallel
+    from decm.method.guidance import NoGuidance
+    from decm.method.objective import Context
+    from decm.models.sit import sit
+
+    info = distributed.init("cpu")
+    torch.manual_seed(0)
+    net = sit("tiny", input_size=8, in_channels=1, num_classes=10, flow_map=True, time_scale=1.0)
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    parallel.shard(net, world, info.device, "bf16", {"gather_dtype": "bf16", "reshard_after_forward": True})
+    seen = {"t": [], "block": []}
+
+    def record_t(module, args):
+        t = args[0]
+        primal, tangent = fwAD.unpack_dual(t)
+        seen["t"].append({"dtype": str(t.dtype), "values": [float(v) for v in primal],
+                          "tangent_dtype": str(tangent.dtype) if tangent is not None else None,
+                          "tangent": [float(v) for v in tangent] if tangent is not None else None})
+
+    net.t_embedder.register_forward_pre_hook(record_t)
+    net.blocks[0].register_forward_pre_hook(lambda module, args: seen["block"].append(str(args[0].dtype)))
+    t = torch.tensor([0.999, 0.3])
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    dx = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([1, 2])
+    outputs = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the loop runs train.precision = 'bf16'
+        for method in ("autograd", "forward_ad"):
+            ctx = Context(parallel.Sharded(net), None, NoGuidance(), x, x, y, 0, jvp_method=method)
+            f, df = ctx.jvp(x, t, torch.ones(2), dx, torch.ones(2), torch.zeros(2))
+            outputs[method] = (str(f.dtype), str(df.dtype), bool(torch.isfinite(df).all()))
+        net(x, t, torch.ones(2), y).float().square().mean().backward()  # the with-grad forward
+    if rank == 0:
+        with open(out, "w") as fh:
+            json.dump({"seen": seen, "outputs": outputs}, fh)
+    distributed.shutdown()
+
+
+def test_bf16_gathers_keep_the_time_inputs_and_jvp_tangents_fp32(tmp_path):
+    """fsdp.gather_dtype = 'bf16' under train.precision = 'bf16', the actual policy on CPU: the blocks
+    compute in bf16, but the time embedder gets t in fp32 (0.999, not bf16's 1.0) with an fp32 tangent,
+    in both JVPs and in the with-grad forward, and the JVP returns fp32."""
+    out = str(tmp_path / "seen.json")
+    spawn(precision_worker, (2, free_port(), out), 2)
+    with open(out) as f:
+        res = json.load(f)
+    seen, outputs = res["seen"], res["outputs"]
+    assert seen["block"] == ["torch.bfloat16"] * 3  # the policy is active: the blocks' inputs are bf16
+    assert len(seen["t"]) == 3  # torch.func.jvp, forward-AD, the with-grad forward
+    for record in seen["t"]:
+        assert record["dtype"] == "torch.float32", seen["t"]
+        assert record["values"] == [pytest.approx(0.999, abs=1e-7), pytest.approx(0.3, abs=1e-7)], seen["t"]
+    assert seen["t"][1]["tangent_dtype"] == "torch.float32" and seen["t"][1]["tangent"] == [1.0, 1.0]
+    for method, (f_dtype, df_dtype, finite) in outputs.items():
+        assert (f_dtype, df_dtype, finite) == ("torch.float32", "torch.float32", True), method
+
+
+def test_mixed_precision_policy_reduces_in_fp32_and_keeps_the_root_fp32():
     from decm import parallel
 
-    cpu = parallel.mixed_precision(torch.device("cpu"), "bf16", "bf16")
-    assert cpu.param_dtype is None and cpu.reduce_dtype is None  # CPU: fp32 throughout
-    default = parallel.mixed_precision(torch.device("cuda", 0), "bf16", "fp32")
-    assert default.param_dtype is None and default.reduce_dtype == torch.float32  # fp32 gathers: the JVP stays fp32
-    lean = parallel.mixed_precision(torch.device("cuda", 0), "bf16", "bf16")
-    assert lean.param_dtype == torch.bfloat16 and lean.reduce_dtype == torch.float32
-    assert parallel.mixed_precision(torch.device("cuda", 0), "fp32", "bf16").param_dtype is None
+    blocks, root = parallel.mixed_precision("fp32", "bf16")
+    assert blocks.param_dtype is None and root.param_dtype is None  # fp32 runs: no policy at all
+    blocks, root = parallel.mixed_precision("bf16", "fp32")
+    assert blocks.param_dtype is None and blocks.reduce_dtype == torch.float32  # fp32 gathers: the JVP stays fp32
+    blocks, root = parallel.mixed_precision("bf16", "bf16")
+    assert blocks.param_dtype == torch.bfloat16 and blocks.reduce_dtype == torch.float32
+    assert root.param_dtype is None and root.cast_forward_inputs is False
     with pytest.raises(parallel.ParallelConfigError, match="gather_dtype"):
         gin.parse_config("fsdp.gather_dtype = 'fp8'")
         parallel.fsdp_options()
+
+
+def test_a_skipped_step_leaves_no_gradient_behind_fsdp_equals_ddp(tmp_path, teachers):
+    """N2N targets all NaN on rank 1 at step 0 (cm and fm have run their backwards by then): every rank
+    skips the step, and the next steps' gradients and the final parameters are DDP's."""
+    nan = {"ranks": [1], "step": 0, "term": "n2n"}
+    ddp = launch(tmp_path / "ddp", teachers["mlp"], 2, "mlp", "ddp", steps=3, inject=nan)
+    fsdp = launch(tmp_path / "fsdp", teachers["mlp"], 2, "mlp", "fsdp", steps=3, inject=nan)
+    assert ddp["totals"]["skipped_steps"] == fsdp["totals"]["skipped_steps"] == 1
+    g_ddp = [r["grad_norm"] for r in stats(tmp_path / "ddp") if "grad_norm" in r]
+    g_fsdp = [r["grad_norm"] for r in stats(tmp_path / "fsdp") if "grad_norm" in r]
+    assert len(g_ddp) == len(g_fsdp) == 2
+    torch.testing.assert_close(torch.tensor(g_fsdp), torch.tensor(g_ddp), rtol=1e-5, atol=0)
+    assert_states_close(final_state(tmp_path / "fsdp")[0], final_state(tmp_path / "ddp")[0])
+    assert abs(fsdp["param_checksum"] - ddp["param_checksum"]) < 1e-6 * abs(ddp["param_checksum"])
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_one_backward_with_nonfinite_targets_on_one_rank_skips_without_hanging(tmp_path, teachers, parallel):
+    """backward_per_term = False: rank 1's L_cm targets are NaN at step 1, so the other rank would go on to
+    L_fm's with-grad forward — collectives under FSDP (all-gathers) and under DDP (its bucket rebuild
+    after the first backward). Every rank must agree on the term before any collective diverges: within
+    the deadline, one skipped step on both ranks, and the same parameters as when every rank's targets
+    are NaN at that step (no collective was paired with a different one)."""
+    extra = ["objectives.objective.backward_per_term = False"]
+    one = launch(tmp_path / "one", teachers["mlp"], 2, "mlp", parallel, steps=3,
+                 inject={"ranks": [1], "step": 1, "term": "cm"}, extra=extra)
+    every = launch(tmp_path / "every", teachers["mlp"], 2, "mlp", parallel, steps=3,
+                   inject={"ranks": [0, 1], "step": 1, "term": "cm"}, extra=extra)
+    with open(tmp_path / "one" / "summary-1.json") as f:
+        other = json.load(f)
+    assert one["totals"]["skipped_steps"] == other["totals"]["skipped_steps"] == every["totals"]["skipped_steps"] == 1
+    assert one["step"] == other["step"] == 3
+    assert_states_close(final_state(tmp_path / "one")[0], final_state(tmp_path / "every")[0], atol=1e-7)
+    assert one["param_checksum"] == pytest.approx(every["param_checksum"], rel=1e-9)
+
+
+def test_part_gradient_diagnostics_under_fsdp_equal_ddp(tmp_path, teachers):
+    """train.part_grad_every_steps: the CM supervised / self-supervised gradient norms (averaged over the
+    ranks like the training gradient) are the same numbers under FSDP as under DDP."""
+    extra = ["distill/train.part_grad_every_steps = 1"]
+    launch(tmp_path / "ddp", teachers["sit"], 2, "sit", "ddp", steps=2, extra=extra)
+    launch(tmp_path / "fsdp", teachers["sit"], 2, "sit", "fsdp", steps=2, extra=extra)
+    for a, b in zip(stats(tmp_path / "ddp"), stats(tmp_path / "fsdp"), strict=True):
+        for key in ("grad/cm_sup", "grad/cm_self", "grad/cm_sup_self_cos"):
+            assert abs(a[key]) > 1e-3, (key, a[key])
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a[key], b[key])
+
+
+def grad_memory_worker(rank, world, port, out):
+    """One DE-CM step with backward per term on a sharded SiT: gradient bytes held after each term."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import copy
+
+    from decm import distributed, parallel
+    from decm.method.guidance import CFG
+    from decm.method.objective import Objective, decm_objective
+    from decm.method.teachers import NetworkTeacher
+    from decm.models.sit import sit
+    from decm.seeding import step_generator
+
+    info = distributed.init("cpu")
+    torch.manual_seed(0)
+    teacher = sit("tiny", input_size=8, in_channels=1, num_classes=10, flow_map=False, time_scale=1.0)
+    for p in teacher.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    student = sit("tiny", input_size=8, in_channels=1, num_classes=10, flow_map=True, time_scale=1.0)
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    full = sum(p.numel() * p.element_size() for p in student.parameters())
+    wrapped = parallel.wrap(student, copy.deepcopy(student), None, "fsdp", world, info.device)
+    held = []
+    backward_term = Objective._backward_term
+
+    def counted(term, ctx, t, s, agree):
+        value = backward_term(term, ctx, t, s, agree)
+        held.append(parallel.held_grad_bytes(student))
+        return value
+
+    Objective._backward_term = staticmethod(counted)
+    g = torch.Generator().manual_seed(10 + rank)
+    x1, y = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+    decm_objective(guidance=CFG(scale=1.5, clip_norm=1.0))(
+        wrapped, NetworkTeacher(teacher), x1, y, 0, step_generator(0, rank, 0), backward=True,
+        agree=lambda bad: distributed.any_true(bad, info))
+    with open(f"{out}-{rank}.json", "w") as f:
+        json.dump({"held": held, "full": full}, f)
+    distributed.shutdown()
+
+
+def test_fsdp_holds_a_shard_of_the_gradients_from_the_first_term_on(tmp_path):
+    """After each term's backward (cm, fm, n2n) every rank holds ≤ 1.1 × the full gradient bytes ÷ world:
+    no unsharded gradient is kept between the terms."""
+    out = str(tmp_path / "held")
+    spawn(grad_memory_worker, (2, free_port(), out), 2)
+    for rank in (0, 1):
+        with open(f"{out}-{rank}.json") as f:
+            res = json.load(f)
+        assert len(res["held"]) == 3 and res["held"][-1] > 0
+        assert max(res["held"]) <= 1.1 * res["full"] / 2, (res["held"], res["full"])
+
+
+def test_rewriting_a_step_keeps_it_resumable_when_the_rename_fails(tmp_path, monkeypatch):
+    """A second save of the same step (e.g. preemption right after a periodic save) that dies at the
+    rename of its new folder: the step's first checkpoint is still valid and loads; the next save of
+    that step completes and leaves one folder."""
+    ckpts = str(tmp_path / "checkpoints")
+    first = {"step": 4, "model": {"w": torch.arange(6.0).reshape(3, 2)}}
+    sharded_checkpoint.save(ckpts, 4, first, main=True, keep_last=1)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".dcp.tmp"):
+            raise OSError("killed at the rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="killed at the rename"):
+        sharded_checkpoint.save(ckpts, 4, {"step": 4, "model": {"w": torch.zeros(3, 2)}}, main=True, keep_last=1)
+    monkeypatch.setattr(os, "replace", real_replace)
+    path = sharded_checkpoint.latest_valid(ckpts)
+    assert path is not None and sharded_checkpoint.step_of(path) == 4
+    assert torch.equal(sharded_checkpoint.load_full(path)["model"]["w"], first["model"]["w"])
+    assert train_state.newest(ckpts, "fsdp") == (path, "dcp")
+    sharded_checkpoint.save(ckpts, 4, {"step": 4, "model": {"w": torch.ones(3, 2)}}, main=True, keep_last=1)
+    assert sorted(os.listdir(ckpts)) == ["ckpt-00000004.dcp", "ckpt-00000004.dcp.ok"]
+    assert torch.equal(sharded_checkpoint.load_full(sharded_checkpoint.latest_valid(ckpts))["model"]["w"],
+                       torch.ones(3, 2))
+
+
+def test_reading_a_sharded_checkpoint_leaves_nothing_behind_when_killed(tmp_path):
+    """load_full (DDP resume from a .dcp, teachers, evaluation) killed mid-read writes nothing into the
+    checkpoints folder: no temporary full copy."""
+    import subprocess
+    import sys
+
+    ckpts = tmp_path / "checkpoints"
+    sharded_checkpoint.save(str(ckpts), 2, {"step": 2, "model": {"w": torch.randn(64, 8)}, "totals": {"n": 1}},
+                            main=True)
+    before = sorted(os.listdir(ckpts))
+    code = ("import os, torch; from decm import sharded_checkpoint as sc\n"
+            "torch.load = lambda *a, **k: os._exit(9)  # killed while reading\n"
+            f"sc.load_full({str(ckpts / 'ckpt-00000002.dcp')!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
+    assert sorted(os.listdir(ckpts)) == before
+    assert sharded_checkpoint.load_full(str(ckpts / "ckpt-00000002.dcp"))["totals"] == {"n": 1}
