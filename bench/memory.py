@@ -207,7 +207,11 @@ def main(argv=None) -> int:
     from decm import cli
 
     p = cli.parser("python bench/memory.py", __doc__)
-    p.add_argument("--presets", nargs="+", default=["tiny", "small-cpu"], help="SiT presets measured on CPU ranks")
+    p.add_argument("--presets", nargs="*", default=["tiny", "small-cpu"],
+                   help="SiT presets measured on CPU ranks (none: measure nothing, e.g. with --rows-from)")
+    p.add_argument("--rows-from", nargs="+", default=[], metavar="JSON",
+                   help="memory.json files of earlier runs (e.g. one per preset, run side by side): their measured "
+                        "rows join this run's in the table")
     p.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4], help="world sizes measured (1: one process)")
     p.add_argument("--modes", nargs="+", default=["ddp", "fsdp", "fsdp+st"], choices=["ddp", "fsdp", "fsdp+st"],
                    help="parallel modes measured at each world > 1")
@@ -224,7 +228,7 @@ def main(argv=None) -> int:
         print("bench/memory.py: error: every world size must be ≥ 1", file=sys.stderr)
         return 2
     t0 = time.time()
-    rows = []
+    rows, sources = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
             teacher_dir = write_teacher(preset, os.path.join(tmp, f"teacher-{preset.replace('/', '_')}"))
@@ -240,6 +244,12 @@ def main(argv=None) -> int:
                     print(f"[memory] {preset} world {world} {label}: peak {row['peak'] / 1e6:.2f} MB, predicted "
                           f"{row['predicted']['peak'] / 1e6:.2f} MB, RSS {row['rss_peak'] / 1e6:.0f} MB, "
                           f"step {row['step_seconds']:.3f} s", file=sys.stderr, flush=True)
+    for path in args.rows_from:
+        with open(path) as f:
+            earlier = json.load(f)
+        rows += [r for r in earlier["rows"] if r["kind"] == "measured"]
+        sources.append({"file": path, "commit": earlier.get("commit"), "fsdp_grads_assumed": earlier.get("fsdp_grads_assumed"),
+                        "load_average_at_end": earlier.get("machine", {}).get("load_average_at_end")})
     for r in rows:
         ddp = next((d for d in rows if d["mode"] == "ddp" and d["preset"] == r["preset"] and d["world"] == r["world"]),
                    None)
@@ -267,7 +277,7 @@ def main(argv=None) -> int:
                    "commit": _commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                     "load_average_at_end": os.getloadavg()},
                    "threads_per_rank": 1, "batch_per_rank": BATCH_PER_RANK, "image": IMAGE,
-                   "measured_steps": list(MEASURED_STEPS), "timing_run": args.timing, "fsdp_grads_assumed": args.fsdp_grads, "cfg": {"scale": CFG_SCALE, "clip_norm": CFG_CLIP}},
+                   "measured_steps": list(MEASURED_STEPS), "timing_run": args.timing, "fsdp_grads_assumed": args.fsdp_grads, "rows_from": sources, "cfg": {"scale": CFG_SCALE, "clip_norm": CFG_CLIP}},
                   f, indent=1)
     print(text)
     print(f"\n→ {args.out}/memory.json, memory.md")

@@ -211,7 +211,9 @@ def test_xl_cpu_reduced_trains_finite_with_an_exact_jvp_and_the_predicted_peak(t
     passes = single["passes"]  # what bench/gpu_check.sh reports on CUDA, here on CPU
     assert passes["attention"] == {"forward": ["flash (CPU)"], "jvp": ["matmul + softmax (decm's JVP rule)"],
                                    "with_grad": ["flash (CPU)"], "teacher_cfg": ["flash (CPU)"]}
-    assert passes["jvp_in_forwards"] > 1 and passes["cm_step_over_fm_step"] > 1, passes["seconds"]
+    sec = passes["seconds"]  # times are recorded, never asserted
+    assert set(sec) == {"forward", "jvp", "with_grad", "teacher_cfg", "fm_step", "cm_step"} and min(sec.values()) > 0
+    assert passes["jvp_in_forwards"] == sec["jvp"] / sec["forward"]
 
 
 def test_xl_cpu_refuses_a_configuration_predicted_above_the_memory_limit(tmp_path):
