@@ -107,7 +107,7 @@ def table(results: dict, sigma_rels) -> str:
                 continue
             sd = f" ± {np.std(vals, ddof=1):.2f}" if len(vals) > 1 else ""
             cells.append(f"{np.mean(vals):.2f}{sd} ({', '.join(f'{v:.2f}' for v in vals)})")
-        label = names.get(m, f"post-hoc EMA σ_rel {m.split('-')[1]} (reconstructed)")
+        label = names[m] if m in names else f"post-hoc EMA σ_rel {m.split('-')[1]} (reconstructed)"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
