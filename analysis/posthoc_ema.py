@@ -109,6 +109,10 @@ def table(results: dict, sigma_rels) -> str:
             cells.append(f"{np.mean(vals):.2f}{sd} ({', '.join(f'{v:.2f}' for v in vals)})")
         label = names[m] if m in names else f"post-hoc EMA σ_rel {m.split('-')[1]} (reconstructed)"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    k_warm = (10 * results["ema_decay"] - 1) / (1 - results["ema_decay"])  # (1+k)/(10+k) reaches the decay here
+    lines += ["", f"σ_rel of the fixed-decay EMA: the standard deviation of its weights over the training time, divided by "
+              f"the time. Its warm-up min(decay, (1+k)/(10+k)) stays below {results['ema_decay']} until step {k_warm:.0f}, "
+              "so in a shorter run it is itself a power-function-like EMA (1 − 9/(k+10) ≈ (1 − 1/k)^9, γ ≈ 8)."]
     return "\n".join(lines) + "\n"
 
 
