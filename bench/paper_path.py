@@ -18,7 +18,9 @@ Weights are random, so the FIDs only show that the path runs; the times and memo
 `--depth` keeps the real width (1152, 16 heads) and reduces the teacher's and student's depth when the
 full 28 blocks do not fit beside other work; `--tiny` runs the same stages at toy size (`vavae-small`,
 a 2-block width-64 LightningDiT, 32-pixel images) in-process: the default test suite runs that.
-Writes bench/results/paper_path-cpu.json (or --out).
+Writes bench/results/paper_path-cpu.json (or --out). `--extrapolate SHALLOW.json DEEP.json` estimates the
+full depth's peak memory per stage, linear in the parameter count through two such runs, into
+bench/results/paper_path-full-depth-estimate.json.
 """
 
 from __future__ import annotations
@@ -236,6 +238,20 @@ def run_path(work: str, tiny: bool = False, depth: int = 28, images: int = 16, i
     return record
 
 
+def extrapolate(shallow: dict, deep: dict, full_parameters: int) -> dict:
+    """Peak memory per stage at `full_parameters` per network, linear in the parameter count through two runs
+    of this script at different depths (the same width): GiB and the slope in bytes per parameter."""
+    pa, pb = shallow["teacher_parameters"], deep["teacher_parameters"]
+    out = {"from": {"depths": [shallow["depth"], deep["depth"]], "parameters": [pa, pb]},
+           "full_parameters": full_parameters, "stages": {}}
+    for name in ("distill", "phema", "evaluate"):
+        ma, mb = shallow["stages"][name]["peak_rss_gib"], deep["stages"][name]["peak_rss_gib"]
+        slope = (mb - ma) / (pb - pa)
+        out["stages"][name] = {"bytes_per_parameter": round(slope * 2 ** 30, 1),
+                               "peak_rss_gib_full_depth": round(mb + slope * (full_parameters - pb), 1)}
+    return out
+
+
 def main(argv=None) -> int:
     from decm import cli
 
@@ -246,7 +262,28 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="toy sizes, in-process (what the test suite runs)")
     p.add_argument("--make-inputs", action="store_true", help=argparse_hidden())
     p.add_argument("--out", default=None, help="JSON path (default bench/results/paper_path-cpu.json)")
+    p.add_argument("--extrapolate", nargs=2, metavar=("SHALLOW_JSON", "DEEP_JSON"), default=None,
+                   help="instead of running: the full-depth peak memory per stage from two results of this script")
     args = p.parse_args(argv)
+    if args.extrapolate:
+        import torch
+
+        from decm.models.sit import sit
+
+        with torch.device("meta"):
+            full = sum(q.numel() for q in sit("LightningDiT-XL/1", input_size=16, in_channels=32,
+                                              num_classes=CLASSES, flow_map=False).parameters())
+        runs = []
+        for path in args.extrapolate:
+            with open(path) as f:
+                runs.append(json.load(f))
+        result = extrapolate(*runs, full)
+        out = args.out or os.path.join(ROOT, "bench", "results", "paper_path-full-depth-estimate.json")
+        with open(out + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(out + ".tmp", out)
+        print(json.dumps(result["stages"]))
+        return 0
     if args.make_inputs:
         info = make_inputs(args.work, args.tiny, args.depth, args.images)
         with open(os.path.join(args.work, "inputs.json"), "w") as f:

@@ -33,3 +33,17 @@ def test_the_papers_path_runs_end_to_end_at_toy_size(tmp_path):
     fids = [metrics["student"][k]["fid"] for k in ("1", "2")]
     assert all(math.isfinite(f) and f > 0 for f in fids), fids
     assert record["fid_random_weights"] == {"1": fids[0], "2": fids[1]}
+
+
+def test_full_depth_memory_is_extrapolated_linearly_in_the_parameter_count():
+    paper_path = load_bench("paper_path")
+
+    def record(depth, params, gib):
+        return {"depth": depth, "teacher_parameters": params,
+                "stages": {s: {"peak_rss_gib": gib + k} for k, s in enumerate(("distill", "phema", "evaluate"))}}
+
+    # 1 GiB more per 2^30 / 32 parameters: 32 bytes per parameter; 4 GiB more at 4 × that count again.
+    step = 2 ** 30 // 32
+    out = paper_path.extrapolate(record(1, step, 2.0), record(2, 2 * step, 3.0), 6 * step)
+    assert out["stages"]["distill"] == {"bytes_per_parameter": 32.0, "peak_rss_gib_full_depth": 7.0}
+    assert out["stages"]["evaluate"]["peak_rss_gib_full_depth"] == 9.0
