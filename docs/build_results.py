@@ -214,7 +214,19 @@ def mutations(root: str = ROOT) -> list[str]:
     return table(["bug", "file", "status", "first failing test, or why it survives"], rows)
 
 
-GENERATED = {"headline": headline, "step_cost": step_cost, "step_parts": step_parts, "sampling": sampling,
+def paper_path(root: str = ROOT) -> list[str]:
+    """bench/paper_path.py at real width on CPU: each stage's wall time and peak memory, and the peak the
+    full depth would need (bench/results/paper_path-full-depth-estimate.json)."""
+    run = load("bench/results/paper_path-cpu.json", root)
+    estimate = load("bench/results/paper_path-full-depth-estimate.json", root)["stages"]
+    rows = []
+    for name, r in run["stages"].items():
+        full = estimate.get(name, {}).get("peak_rss_gib_full_depth")
+        rows.append([name, f"{r['wall_s']:.1f}", f"{r['peak_rss_gib']:.2f}", f"{full:.1f}" if full is not None else "—"])
+    return table(["stage", "wall s", f"peak GiB (depth {run['depth']} of 28)", "peak GiB at depth 28 (estimate)"], rows)
+
+
+GENERATED = {"paper_path": paper_path, "headline": headline, "step_cost": step_cost, "step_parts": step_parts, "sampling": sampling,
              "memory_totals": memory_totals, "first_hop": first_hop, "install": install, "mutations": mutations}
 
 
