@@ -208,8 +208,13 @@ def mutations(root: str = ROOT) -> list[str]:
     data = load("bench/results/mutations.json", root)
     rows = []
     for r in data["mutations"]:
-        failing = r["first_failure"].split(" - ")[0].replace("FAILED ", "").replace("ERROR ", "")
-        detail = f"`{failing.split('::')[-1]}`" if r["status"] == "caught" and failing else (r["explained"] or "")
+        first = r["first_failure"]
+        if r["status"] != "caught":
+            detail = r["explained"] or ""
+        elif first.startswith(("FAILED ", "ERROR ")):
+            detail = f"`{first.split(' - ')[0].split(' ', 1)[1].split('::')[-1]}`"
+        else:  # a run that recorded only pytest's summary line: name the covering files
+            detail = "a test of " + ", ".join(sorted({f"`{t.split('::')[0].split('/')[-1]}`" for t in r["tests"]}))
         rows.append([r["what"], f"`{r['path']}`", r["status"], detail])
     return table(["bug", "file", "status", "first failing test, or why it survives"], rows)
 
