@@ -210,13 +210,14 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="*", default=["tiny", "small-cpu"],
                    help="SiT presets measured on CPU ranks (none: measure nothing, e.g. with --rows-from)")
     p.add_argument("--rows-from", nargs="+", default=[], metavar="JSON",
-                   help="memory.json files of earlier runs (e.g. one per preset, run side by side): their measured "
-                        "rows join this run's in the table")
+                   help="memory.json files of earlier runs (e.g. one per preset, run side by side): their rows join "
+                        "this run's in the table (a row already present, same preset/world/mode/kind/precision, is "
+                        "kept once)")
     p.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4], help="world sizes measured (1: one process)")
     p.add_argument("--modes", nargs="+", default=["ddp", "fsdp", "fsdp+st"], choices=["ddp", "fsdp", "fsdp+st"],
                    help="parallel modes measured at each world > 1")
-    p.add_argument("--computed-worlds", nargs="+", type=int, default=[1, 8, 16],
-                   help="world sizes of the predicted-only rows (XL/2, LightningDiT-XL/1, 2B/2)")
+    p.add_argument("--computed-worlds", nargs="*", type=int, default=[1, 8, 16],
+                   help="world sizes of the predicted-only rows (XL/2, LightningDiT-XL/1, 2B/2; none: no such rows)")
     p.add_argument("--fsdp-grads", choices=["sharded", "unsharded"], default="unsharded",
                    help="what the prediction of the measured FSDP rows assumes the loop holds between the terms' "
                         "backwards: 'unsharded' (reduction deferred to the last term) or 'sharded'")
@@ -247,11 +248,16 @@ def main(argv=None) -> int:
     for path in args.rows_from:
         with open(path) as f:
             earlier = json.load(f)
-        rows += [r for r in earlier["rows"] if r["kind"] == "measured"]
+        for r in earlier["rows"]:  # measured rows get the current model's prediction (computed ones stay)
+            if r["kind"] == "measured":
+                r["predicted"] = predicted(r["preset"], IMAGE, r["world"], r["mode"], r["batch_per_rank"],
+                                           fsdp_grads=earlier.get("fsdp_grads_assumed") or "unsharded")
+        rows += earlier["rows"]
         sources.append({"file": path, "commit": earlier.get("commit"), "fsdp_grads_assumed": earlier.get("fsdp_grads_assumed"),
                         "load_average_at_end": earlier.get("machine", {}).get("load_average_at_end")})
-    for r in rows:
-        ddp = next((d for d in rows if d["mode"] == "ddp" and d["preset"] == r["preset"] and d["world"] == r["world"]),
+    measured = [r for r in rows if r["kind"] == "measured"]
+    for r in measured:
+        ddp = next((d for d in measured if d["mode"] == "ddp" and d["preset"] == r["preset"] and d["world"] == r["world"]),
                    None)
         if r["mode"].startswith("fsdp") and ddp is not None:
             r["step_time_ratio_to_ddp"] = r["step_seconds"] / ddp["step_seconds"]
@@ -268,6 +274,10 @@ def main(argv=None) -> int:
                                  if label.startswith("fsdp") else None,
                                  **{k: pred[k] for k in ("params", "optimizer", "ema", "teacher")},
                                  "grads": pred["grads"]})
+    unique = {}
+    for r in rows:  # a row measured or computed twice (--rows-from) is kept once, the first time
+        unique.setdefault((r["preset"], r["world"], r["mode"], r["kind"], r.get("precision")), r)
+    rows = list(unique.values())
     os.makedirs(args.out, exist_ok=True)
     text = table(rows)
     with open(os.path.join(args.out, "memory.md"), "w") as f:

@@ -115,11 +115,15 @@ def unit_bytes(module) -> dict:
 
 
 # FSDP2's transient unsharded memory in the backward of a block, in units of that block's bytes: its
-# all-gathered parameters, the next block's (prefetched for the backward), its unsharded gradients and
-# the reduce-scatter's input copy of them. The parameters outside the blocks (embedders, final layer)
-# belong to the root unit, which stays unsharded from the forward to the end of the backward, with
-# its unsharded gradients.
+# all-gathered parameters and the next block's (prefetched for the backward), and — when each term
+# reduces its gradients — its unsharded gradients and the reduce-scatter's input copy of them. The
+# parameters outside the blocks (embedders, final layer) belong to the root unit, unsharded from the
+# forward to the end of the backward (with its unsharded gradients when each term reduces). A block's
+# unit exists only during its own backward, when the activations of at least one block (the one after
+# it) have been freed: the unit adds max(0, unit − one block's activations) to the peak, which is
+# otherwise reached when the backward starts (every activation alive, every block resharded).
 FSDP_BLOCKS_IN_FLIGHT = 4
+FSDP_BLOCKS_IN_FLIGHT_DEFERRED = 2
 FSDP_ROOT_COPIES = 2
 # The backward's own temporaries: the gradients flowing into and out of the layer being
 # differentiated, each about the size of the largest saved activation.
@@ -146,9 +150,10 @@ def predict_step_peak(build, kwargs: dict, batch: int, world: int, mode: str, te
       grads: the trainable parameters' gradients (÷ world under FSDP; with `unsharded_grads` — FSDP2
         with the gradient reduction deferred to the last term, `set_requires_gradient_sync(False)` —
         the whole model's unsharded gradients, held from the first term's backward to the last's);
-      unit: FSDP only, the transient unsharded blocks (FSDP_BLOCKS_IN_FLIGHT × the largest block +
-        FSDP_ROOT_COPIES × the parameters outside the blocks; with `unsharded_grads` one block and
-        one root copy less, their unsharded gradients being part of grads);
+      unit: FSDP only, the transient unsharded blocks beyond the activations they outlive:
+        max(0, FSDP_BLOCKS_IN_FLIGHT × the largest block + FSDP_ROOT_COPIES × the parameters outside
+        the blocks − one block's activations); with `unsharded_grads` FSDP_BLOCKS_IN_FLIGHT_DEFERRED
+        blocks and one root copy (the unsharded gradients are part of grads; no reduce-scatter);
       activations: the bytes one with-grad forward of the student saves at `batch` (traced, see
         `trace_activations`; with `autocast_dtype` under that autocast); the terms run their backward
         one at a time, so one forward's activations are alive at once;
@@ -203,9 +208,10 @@ def predict_step_peak(build, kwargs: dict, batch: int, world: int, mode: str, te
     deferred = mode == "fsdp" and unsharded_grads
     out["grads"] = FP32 * numel(profile_train) if deferred else train_bytes
     out["unit"] = 0
-    if mode == "fsdp":  # deferred: the gradients accumulate in the unsharded parameters (counted in grads)
-        out["unit"] = (FSDP_BLOCKS_IN_FLIGHT - 1) * units["block"] + units["root"] if deferred else \
+    if mode == "fsdp":  # deferred: the gradients accumulate unsharded (counted in grads), no reduce-scatter
+        unit = FSDP_BLOCKS_IN_FLIGHT_DEFERRED * units["block"] + units["root"] if deferred else \
             FSDP_BLOCKS_IN_FLIGHT * units["block"] + FSDP_ROOT_COPIES * units["root"]
+        out["unit"] = max(0, unit - act["saved"] // max(1, len(student.blocks)))
     out["activations"] = act["saved"]
     out["temporaries"] = BACKWARD_TEMPORARIES * act["largest"]
     out["with_grad_phase"] = out["resident"] + out["grads"] + out["unit"] + out["activations"] + out["temporaries"]
