@@ -218,9 +218,10 @@ def main(argv=None) -> int:
                    help="parallel modes measured at each world > 1")
     p.add_argument("--computed-worlds", nargs="*", type=int, default=[1, 8, 16],
                    help="world sizes of the predicted-only rows (XL/2, LightningDiT-XL/1, 2B/2; none: no such rows)")
-    p.add_argument("--fsdp-grads", choices=["sharded", "unsharded"], default="unsharded",
-                   help="what the prediction of the measured FSDP rows assumes the loop holds between the terms' "
-                        "backwards: 'unsharded' (reduction deferred to the last term) or 'sharded'")
+    p.add_argument("--fsdp-grads", choices=["sharded", "unsharded"], default="sharded",
+                   help="what the prediction of the measured FSDP rows (those read with --rows-from too) assumes the "
+                        "loop holds between the terms' backwards: 'sharded' (a reduce-scatter per term, today's loop) or "
+                        "'unsharded' (the reduction deferred to the last term, as the loop did before)")
     p.add_argument("--no-timing", dest="timing", action="store_false",
                    help="skip the unprofiled second run (step time and RSS then come from the profiled run)")
     p.add_argument("--out", default="bench/results", help="output directory (memory.json, memory.md)")
@@ -251,9 +252,9 @@ def main(argv=None) -> int:
         for r in earlier["rows"]:  # measured rows get the current model's prediction (computed ones stay)
             if r["kind"] == "measured":
                 r["predicted"] = predicted(r["preset"], IMAGE, r["world"], r["mode"], r["batch_per_rank"],
-                                           fsdp_grads=earlier.get("fsdp_grads_assumed") or "unsharded")
+                                           fsdp_grads=args.fsdp_grads)
         rows += earlier["rows"]
-        sources.append({"file": path, "commit": earlier.get("commit"), "fsdp_grads_assumed": earlier.get("fsdp_grads_assumed"),
+        sources.append({"file": path, "commit": earlier.get("commit"),
                         "load_average_at_end": earlier.get("machine", {}).get("load_average_at_end")})
     measured = [r for r in rows if r["kind"] == "measured"]
     for r in measured:

@@ -494,9 +494,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1, help="training steps per configuration (step 0 runs all three terms)")
     p.add_argument("--first-step", type=int, default=0,
                    help="index of the first step (N2N runs when index %% 3 == 0: 0 has all three terms, 1 has two)")
-    p.add_argument("--fsdp-grads", choices=["sharded", "unsharded"], default="unsharded",
-                   help="what the prediction assumes FSDP holds between the terms' backwards: 'unsharded' (the "
-                        "loop defers the reduction to the last term: full-size gradients) or 'sharded'")
+    p.add_argument("--fsdp-grads", choices=["sharded", "unsharded"], default="sharded",
+                   help="what the prediction assumes FSDP holds between the terms' backwards: 'sharded' (a "
+                        "reduce-scatter per term, today's loop) or 'unsharded' (the reduction deferred to the last "
+                        "term: full-size gradients, as the loop did before)")
     p.add_argument("--max-gib", type=float, default=20.0, help="refuse a configuration predicted above this (GiB)")
     p.add_argument("--deadline-minutes", type=float, default=0.0, help="stop whatever runs after this long (0: never)")
     p.add_argument("--reduced", action="store_true", help="width 64, depth 2, 4 heads (the test suite's version)")

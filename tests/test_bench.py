@@ -194,7 +194,7 @@ def test_xl_cpu_reduced_trains_finite_with_an_exact_jvp_and_the_predicted_peak(t
     per-rank peak is within 15% of decm.memory's prediction."""
     out = tmp_path / "xl.json"
     r = _run_bench(["bench/xl_cpu.py", "--reduced", "--models", "lightningdit-xl1", "--configs", "single:fp32",
-                    "fsdp2:fp32", "--fsdp-grads", "unsharded", "--passes", "--out", str(out)])
+                    "fsdp2:fp32", "--passes", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {row["config"]: row for row in json.loads(out.read_text())["rows"]}
     single, fsdp = rows["single:fp32"], rows["fsdp2:fp32"]
