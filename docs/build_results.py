@@ -71,7 +71,10 @@ def relations_list(path: str, root: str = ROOT) -> list[str]:
     """relations.json as the bullet list the pages show: relation, verdict, the numbers it compared."""
     lines = []
     for r in load(path, root):
-        verdict = "**holds**" if r["holds"] else "**does not hold**"
+        if "verdict" in r:  # decided from the paired interval: holds, does not hold, or not separated
+            verdict = {True: "**holds**", False: "**does not hold**"}.get(r["holds"], f"**{r['verdict']}**")
+        else:
+            verdict = "**holds**" if r["holds"] else "**does not hold**"
         lines.append(f"- {r['relation']}: {verdict} — {r['detail']}")
     return lines
 
