@@ -126,15 +126,20 @@ def write(out: str, results: dict, sigma_rels) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--sigma-rels", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    sys.path.insert(0, ROOT)
+    from decm import cli
+
+    p = cli.parser("python analysis/posthoc_ema.py", __doc__)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--sigma-rels", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="σ_rel values reconstructed after training")
     p.add_argument("--every", type=int, default=20, help="post-hoc EMA snapshot period (steps)")
     p.add_argument("--collect", action="store_true", help="tables from finished runs and evaluations only")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: the quickstart's)")
     p.add_argument("--distill-steps", type=int, default=None, help="distillation steps (default: the quickstart's)")
-    p.add_argument("--runs-root", default=os.path.join(ROOT, "runs", "analysis", "posthoc_ema-digits"))
-    p.add_argument("--out", default=os.path.join(ROOT, "analysis", "results", "posthoc_ema-digits"))
+    p.add_argument("--runs-root", default=os.path.join(ROOT, "runs", "analysis", "posthoc_ema-digits"),
+                   help="where the runs are trained")
+    p.add_argument("--out", default=os.path.join(ROOT, "analysis", "results", "posthoc_ema-digits"),
+                   help="where the tables are written")
     args = p.parse_args(argv)
     import gin
 

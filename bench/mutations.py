@@ -212,8 +212,9 @@ def run_tests(root: str, tests: list[str], timeout_s: int) -> tuple[int | str, f
                               env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return "timeout", time.time() - start, ""
-    tail = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))][:1]
-    return proc.returncode, time.time() - start, (tail[0] if tail else proc.stdout.strip().splitlines()[-1:] or [""])[0]
+    first = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))][:1]
+    last = proc.stdout.strip().splitlines()[-1:]
+    return proc.returncode, time.time() - start, (first or last or [""])[0]
 
 
 def verdict(code) -> str:

@@ -181,14 +181,19 @@ def step_parts(root: str = ROOT) -> list[str]:
 
 
 def memory_totals(root: str = ROOT) -> list[str]:
-    """Per-rank bytes of training state, EMA and teacher together (bench/memory.py's computed rows), DDP vs FSDP."""
+    """Predicted peak per GPU during the step at scale (bench/memory.py's computed rows, bf16 autocast): DDP,
+    FSDP with the teacher sharded and a reduce-scatter per term, and FSDP if gradients stayed unsharded."""
     rows = {}
     for r in load("bench/results/memory.json", root)["rows"]:
-        if r["kind"] == "computed" and r["mode"] in ("ddp", "fsdp"):
-            total = sum(r[k] for k in ("params", "grads", "optimizer", "ema", "teacher"))
-            rows.setdefault((r["preset"], r["world"]), {})[r["mode"]] = f"{total / 1e9:.2f}"
-    return table(["preset", "world", "DDP: GB per rank", "FSDP: GB per rank"],
-                 [[p, str(w), v.get("ddp", "—"), v.get("fsdp", "—")] for (p, w), v in rows.items()])
+        if r["kind"] != "computed" or r.get("precision") != "bf16":
+            continue
+        cell = rows.setdefault((r["preset"], r["world"], r["batch_per_rank"]), {})
+        cell[r["mode"]] = f"{r['predicted']['peak'] / 1e9:.1f}"
+        if r.get("predicted_if_fsdp_grads_unsharded"):
+            cell["unsharded"] = f"{r['predicted_if_fsdp_grads_unsharded']['peak'] / 1e9:.1f}"
+    return table(["model", "GPUs", "batch per GPU", "DDP: GB", "FSDP: GB", "FSDP, grads unsharded: GB"],
+                 [[p, str(w), str(b), v.get("ddp", "—"), v.get("fsdp+st", "—"), v.get("unsharded", "—")]
+                  for (p, w, b), v in rows.items()])
 
 
 def install(root: str = ROOT) -> list[str]:

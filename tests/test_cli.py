@@ -17,7 +17,7 @@ MODULES = ["decm.launch", "decm.evaluate", "decm.report", "decm.eval.ref_stats",
 SCRIPTS = ["analysis/ablation_table.py", "analysis/loss_divergence.py", "analysis/error_accumulation.py",
            "analysis/n2n_diagnostic.py", "analysis/run_table.py", "analysis/digits_nfe.py", "analysis/study_nfe.py", "analysis/seed_variance.py", "analysis/posthoc_ema.py",
            "bench/step_cost.py",
-           "bench/sampling.py", "bench/memory.py", "bench/mutations.py", "bench/install_size.py",
+           "bench/sampling.py", "bench/memory.py", "bench/mutations.py", "bench/xl_cpu.py", "bench/install_size.py",
            "docs/build_results.py",
            "sweeps/weight_sweep.py"]
 
