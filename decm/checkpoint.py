@@ -96,13 +96,21 @@ def step_of(path: str) -> int:
     return int(_NAME.search(path).group(1))
 
 
-def latest_valid(directory: str, verbose: bool = True) -> tuple[str | None, dict | None]:
+def latest_valid(directory: str, verbose: bool = True, collective: bool = False) -> tuple[str | None, dict | None]:
     """(path, state) of the newest valid checkpoint, skipping (and reporting, never deleting) bad ones.
+
+    `collective=True` (every rank of a process group calls it, e.g. a DDP run loading its teacher): rank 0
+    alone chooses and reads the checkpoint and the other ranks receive (path, state) by broadcast
+    (decm.one_reader); only rank 0 reports skipped checkpoints.
 
     Sharded checkpoints (`ckpt-<step>.dcp/` of FSDP runs, decm.sharded_checkpoint) count too and are
     read as one dict of full tensors; at equal steps the single file wins (it is cheaper to read)."""
     from decm import sharded_checkpoint
 
+    if collective:
+        from decm.one_reader import read_once
+
+        return read_once(lambda: latest_valid(directory, verbose))
     found = [(step_of(p), 0, p) for p in candidates(directory)] + [
         (sharded_checkpoint.step_of(p), 1, p) for p in sharded_checkpoint.candidates(directory)]
     for _, sharded, path in sorted(found, key=lambda e: (-e[0], e[1])):

@@ -36,6 +36,10 @@ class CheckpointMismatchError(ValueError):
     """A sharded checkpoint does not fit the model/optimizer of the run reading it."""
 
 
+class UnreadableCheckpointError(RuntimeError):
+    """A sharded checkpoint whose files pass the sentinel check but cannot be read (e.g. corrupt shards)."""
+
+
 def path_for(directory: str, step: int) -> str:
     return os.path.join(directory, f"ckpt-{step:08d}.dcp")
 
@@ -205,7 +209,13 @@ def load_full(path: str) -> dict:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     state: dict = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)  # what torch's dcp_to_torch_save does, without the file it writes
+    try:
+        _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)  # what torch's dcp_to_torch_save does, without the file it writes
+    except CheckpointException as e:  # a BaseException in torch: made an ordinary error that callers can skip
+        causes = [f"{type(c).__name__}: {c}".splitlines()[0] for c in getattr(e, "failures", {}).values()]
+        raise UnreadableCheckpointError(f"cannot read {path}: {'; '.join(causes) or 'read failed'}") from None
     return state

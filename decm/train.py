@@ -148,7 +148,8 @@ def train(
         teacher = dataset.analytic_teacher().to(device)
         model = backbone(**backbone_kwargs(dataset), flow_map=True)
     else:
-        teacher_net = load_network_teacher(backbone, dataset, teacher_source, teacher_checkpoint, device)
+        teacher_net = load_network_teacher(backbone, dataset, teacher_source, teacher_checkpoint, device,
+                                           collective=True)  # rank 0 reads, the others receive
         model = student_from_teacher(backbone, dataset, teacher_net)
         teacher = NetworkTeacher(teacher_net).to(device)
     model = model.to(device)

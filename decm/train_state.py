@@ -18,6 +18,7 @@ from torch import nn
 
 from decm import checkpoint, sharded_checkpoint
 from decm.distributed import DistInfo, barrier
+from decm.one_reader import read_once
 
 
 def param_groups(model: nn.Module, objective: nn.Module) -> list[dict]:
@@ -148,8 +149,9 @@ def load(ckpt_dir: str, mode: str, model, ema, objective, opt, info: DistInfo, s
         objective.load_state_dict(state.get("objective", {}))  # DCP drops empty sections
         set_optimizer_state_dict(_holder(model, objective), opt, state["optimizer"])
     else:
-        state = sharded_checkpoint.load_full(path) if kind == "dcp" else torch.load(path, map_location="cpu",
-                                                                                      weights_only=True)
+        # one reader: rank 0 reads, the other ranks receive the state by broadcast (decm.one_reader)
+        state = read_once(lambda: sharded_checkpoint.load_full(path) if kind == "dcp"
+                          else torch.load(path, map_location="cpu", weights_only=True))
         opt_state = state["optimizer"]
         if phema is not None:
             phema.check_state(state.get("phema"), f"checkpoint {path}")

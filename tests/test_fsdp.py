@@ -88,10 +88,24 @@ def inject_nonfinite_targets(rank: int, at: dict) -> None:
     Context.sanitize = sanitize
 
 
-def worker(rank, world, port, run_dir, teacher_dir, bindings, train_kwargs, inject=None):
+def forbid_reads_off_rank0(rank: int) -> None:
+    """Any checkpoint read on a rank other than 0 fails the run (one reader per checkpoint)."""
+    if rank == 0:
+        return
+
+    def refuse(*a, **k):
+        raise AssertionError(f"rank {rank} read a checkpoint")
+
+    sharded_checkpoint.load_full = refuse
+    checkpoint.torch.load = refuse  # the single-file reader's torch.load (the module object is shared)
+
+
+def worker(rank, world, port, run_dir, teacher_dir, bindings, train_kwargs, inject=None, one_reader=False):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    if one_reader:
+        forbid_reads_off_rank0(rank)
     import decm.data  # noqa: F401  (registers the components)
     import decm.method  # noqa: F401
     import decm.models  # noqa: F401
@@ -110,13 +124,14 @@ def worker(rank, world, port, run_dir, teacher_dir, bindings, train_kwargs, inje
         shutdown()
 
 
-def launch(run_dir, teacher_dir, world, backbone, parallel, steps=STEPS, extra=(), inject=None, **train_kwargs):
+def launch(run_dir, teacher_dir, world, backbone, parallel, steps=STEPS, extra=(), inject=None, one_reader=False,
+           **train_kwargs):
     bindings = list(SIT if backbone == "sit" else MLP) + [
         f"distill/train.parallel = '{parallel}'", "distill/train.teacher_source = 'checkpoint'",
         f"distill/train.steps = {steps}", "distill/train.batch_size = 4", "distill/train.log_every_steps = 1",
         f"distill/train.ckpt_every_steps = {STEPS}", "distill/train.progress = False", "distill/train.lr = 1e-3",
         "distill/train.keep_last = 0"] + list(extra)
-    spawn(worker, (world, free_port(), str(run_dir), teacher_dir, bindings, train_kwargs, inject), world)
+    spawn(worker, (world, free_port(), str(run_dir), teacher_dir, bindings, train_kwargs, inject, one_reader), world)
     with open(os.path.join(run_dir, "summary-0.json")) as f:
         return json.load(f)
 
@@ -219,6 +234,77 @@ def test_resume_from_4_ranks_on_2_and_the_export_resumes_ddp(tmp_path, teachers,
     # evaluation's reader takes the sharded folder directly (the newest valid checkpoint of either kind)
     path, state = checkpoint.latest_valid(str(tmp_path / "four" / "checkpoints"))
     assert path.endswith("ckpt-00000005.dcp") and state["model"].keys() == a["model"].keys()
+
+
+def test_a_ddp_run_resumes_from_a_sharded_checkpoint_read_by_rank_0_alone(tmp_path, teachers):
+    """DDP continuing an FSDP run's .dcp (and loading its teacher): only rank 0 reads (any read on rank 1
+    fails the run), and the continuation equals FSDP's own."""
+    import shutil
+
+    launch(tmp_path / "fsdp", teachers["mlp"], 2, "mlp", "fsdp", stop_after_steps=3)
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "ddp")
+    launch(tmp_path / "fsdp", teachers["mlp"], 2, "mlp", "fsdp")
+    launch(tmp_path / "ddp", teachers["mlp"], 2, "mlp", "ddp", one_reader=True)
+    a, kind_a = final_state(tmp_path / "fsdp")
+    b, kind_b = final_state(tmp_path / "ddp")
+    assert (kind_a, kind_b, a["step"], b["step"]) == ("dcp", "pt", STEPS, STEPS)
+    assert_states_close(a, b)
+
+
+def one_reader_worker(rank, world, port, ckpts, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from decm import distributed
+    from decm.one_reader import read_once
+
+    distributed.init("cpu")
+    forbid_reads_off_rank0(rank)
+    path, state = checkpoint.latest_valid(ckpts, verbose=rank == 0, collective=True)
+
+    def mismatch():
+        raise sharded_checkpoint.CheckpointMismatchError("the checkpoint does not fit")
+
+    try:
+        read_once(mismatch)
+        raised = None
+    except Exception as e:
+        raised = [type(e).__name__, str(e)]
+    torch.save({"path": path, "state": state, "raised": raised}, f"{out}-{rank}.pt")
+    distributed.shutdown()
+
+
+def test_one_reader_sends_every_rank_the_same_state_and_the_same_error(tmp_path):
+    """checkpoint.latest_valid(collective=True) on 2 ranks: rank 0 alone reads (rank 1's readers refuse),
+    skips a newer sharded checkpoint whose shard is corrupt, and both ranks get the same state, dtypes
+    and shapes included (bf16, bool, 0-dim, empty, nested); a reader's error reaches every rank."""
+    ckpts = str(tmp_path / "checkpoints")
+    g = torch.Generator().manual_seed(0)
+    state = {"step": 2, "totals": {"skipped_steps": 1},
+             "model": {"w": torch.randn(5, 3, generator=g), "b": torch.randn(3, generator=g).bfloat16(),
+                       "mask": torch.tensor([True, False, True]), "n": torch.tensor(7),
+                       "empty": torch.zeros(0, 4)},
+             "optimizer": {"param_groups": [{"lr": 1e-3, "params": ["w", "b"]}],
+                           "state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(5, 3, generator=g)}}}}
+    sharded_checkpoint.save(ckpts, 2, state, main=True)
+    newer = sharded_checkpoint.save(ckpts, 3, {**state, "step": 3}, main=True)
+    shard = next(os.path.join(newer, f) for f in os.listdir(newer) if f.endswith(".distcp"))
+    size = os.path.getsize(shard)
+    with open(shard, "wb") as f:  # same size, so the sentinel still matches: only reading finds it out
+        f.write(b"\0" * size)
+    assert sharded_checkpoint.is_valid(newer)
+    spawn(one_reader_worker, (2, free_port(), ckpts, str(tmp_path / "res")), 2)
+    r0, r1 = (torch.load(tmp_path / f"res-{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["path"] == r1["path"] and r0["path"].endswith("ckpt-00000002.dcp")
+    assert r0["raised"] == r1["raised"] == ["CheckpointMismatchError", "the checkpoint does not fit"]
+    assert r1["state"]["step"] == 2 and r1["state"]["totals"] == {"skipped_steps": 1}
+    for section in ("model",):
+        for k, v in state[section].items():
+            got = r1["state"][section][k]
+            assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+    torch.testing.assert_close(r1["state"]["optimizer"]["state"]["w"]["exp_avg"],
+                               state["optimizer"]["state"]["w"]["exp_avg"], rtol=0, atol=0)
+    assert r1["state"]["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
 
 
 def test_a_sharded_checkpoint_of_another_model_is_refused_naming_the_mismatch(tmp_path, teachers):

@@ -22,21 +22,24 @@ def backbone_kwargs(dataset) -> dict:
 TEACHER_SOURCES = ("analytic", "checkpoint", "sit", "lightningdit")
 
 
-def load_network_teacher(backbone, dataset, teacher_source: str, teacher_checkpoint: str, device):
+def load_network_teacher(backbone, dataset, teacher_source: str, teacher_checkpoint: str, device,
+                         collective: bool = False):
     """Builds the velocity backbone and loads the teacher's weights.
 
     'checkpoint': the EMA of the newest valid checkpoint of a decm teacher run (dir or checkpoints dir);
     'sit' / 'lightningdit': an official checkpoint file (decm.models.official: names and shapes checked).
+    `collective=True` (every rank of a process group calls it): the checkpoint (of either source) is read
+    by rank 0 alone and broadcast to the others (decm.one_reader).
     """
     net = backbone(**backbone_kwargs(dataset), flow_map=False)
     if teacher_source in ("sit", "lightningdit"):
         from decm.models.official import load_official
 
-        load_official(teacher_checkpoint, net, teacher_source)
+        load_official(teacher_checkpoint, net, teacher_source, collective=collective)
         return net.to(device)
     directory = os.path.join(teacher_checkpoint, "checkpoints") if os.path.isdir(
         os.path.join(teacher_checkpoint, "checkpoints")) else teacher_checkpoint
-    path, state = checkpoint.latest_valid(directory)
+    path, state = checkpoint.latest_valid(directory, collective=collective)
     if state is None:
         raise FileNotFoundError(f"no valid teacher checkpoint in {directory!r} (set experiment.teacher_dir)")
     net.load_state_dict(state["ema"])

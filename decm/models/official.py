@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from decm.one_reader import read_once
+
 FORMATS = ("sit", "lightningdit", "decm")
 # Non-tensor objects the released training checkpoints legitimately hold, allowed for weights-only
 # unpickling (never a fallback to full unpickling): SiT's `train.py` saves `"args": args`, an
@@ -92,23 +94,29 @@ def map_state_dict(state: dict, model: torch.nn.Module, allow_missing=("s_embedd
     return {k: state[k] for k in own if k in state}
 
 
-def load_official(path: str, model: torch.nn.Module, fmt: str = "sit") -> torch.nn.Module:
+def load_official(path: str, model: torch.nn.Module, fmt: str = "sit", collective: bool = False) -> torch.nn.Module:
     """Loads an official checkpoint file (or a decm run's checkpoint) into `model` in place.
 
     Args:
       path: the .pt file.
       model: our backbone, built with the matching preset (velocity or flow map).
       fmt: 'sit', 'lightningdit' or 'decm'.
+      collective: every rank of a process group calls it: rank 0 alone reads the file and the other ranks
+        receive the mapped weights by broadcast (decm.one_reader); errors are raised on every rank.
     """
     if fmt not in FORMATS:
         raise ValueError(f"teacher format must be one of {FORMATS}, got {fmt!r}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher checkpoint not found: {path} (set experiment.teacher_dir)")
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 — any unpickling problem is a bad file
-        raise CheckpointFormatError(f"cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
-    state = map_state_dict(extract_state_dict(obj, fmt), model)
+
+    def read() -> dict:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"teacher checkpoint not found: {path} (set experiment.teacher_dir)")
+        try:
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 — any unpickling problem is a bad file
+            raise CheckpointFormatError(f"cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        return map_state_dict(extract_state_dict(obj, fmt), model)
+
+    state = read_once(read) if collective else read()
     model.load_state_dict(state, strict=False)
     return model
