@@ -96,8 +96,15 @@ def forbid_reads_off_rank0(rank: int) -> None:
     def refuse(*a, **k):
         raise AssertionError(f"rank {rank} read a checkpoint")
 
+    real_load = torch.load
+
+    def load(f, *a, **k):  # files are refused; in-memory buffers (object collectives unpickle tensors) are not
+        if isinstance(f, (str, os.PathLike)):
+            refuse()
+        return real_load(f, *a, **k)
+
     sharded_checkpoint.load_full = refuse
-    checkpoint.torch.load = refuse  # the single-file reader's torch.load (the module object is shared)
+    torch.load = load
 
 
 def worker(rank, world, port, run_dir, teacher_dir, bindings, train_kwargs, inject=None, one_reader=False):
@@ -305,6 +312,48 @@ def test_one_reader_sends_every_rank_the_same_state_and_the_same_error(tmp_path)
     torch.testing.assert_close(r1["state"]["optimizer"]["state"]["w"]["exp_avg"],
                                state["optimizer"]["state"]["w"]["exp_avg"], rtol=0, atol=0)
     assert r1["state"]["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+
+
+def eval_reader_worker(rank, world, port, run_dir, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from decm import distributed
+    from decm.data.builtin import GaussianMixture2D
+    import decm.sampling  # noqa: F401  (registers the samplers)
+    from decm.eval.evaluate import evaluate, load_student
+    from decm.models.mlp import mlp
+
+    distributed.init("cpu")
+    forbid_reads_off_rank0(rank)
+    build = lambda **k: mlp(width=32, depth=2, **k)  # noqa: E731
+    newest, step = load_student(run_dir, build, GaussianMixture2D(), collective=True)
+    chosen, chosen_step = load_student(run_dir, build, GaussianMixture2D(), step=1, collective=True)
+    metrics = evaluate(run_dir=run_dir, dataset=GaussianMixture2D(), backbone=build, student_nfe=(1,), teacher_nfe=(),
+                       n_samples=64, batch_size=32, grid_samples=4, out_dir=os.path.join(run_dir, "eval"))
+    torch.save({"newest": (newest.state_dict(), step), "chosen": (chosen.state_dict(), chosen_step),
+                "evaluated_step": metrics.get("step") if metrics else None}, f"{out}-{rank}.pt")
+    distributed.shutdown()
+
+
+def test_evaluation_under_torchrun_reads_the_student_on_rank_0_alone(tmp_path):
+    """Evaluation on 2 ranks: the student checkpoint (newest, and a chosen step) is read by rank 0 only
+    (any read on rank 1 fails), every rank gets the same weights, and evaluate() itself runs that way."""
+    from decm.data.builtin import GaussianMixture2D
+    from decm.models.build import backbone_kwargs
+    from decm.models.mlp import mlp
+
+    net = mlp(**backbone_kwargs(GaussianMixture2D()), width=32, depth=2, flow_map=True)
+    for step in (1, 2):
+        ema = {k: v + step for k, v in net.state_dict().items()}
+        checkpoint.save(str(tmp_path / "run" / "checkpoints"), step, {"step": step, "ema": ema, "model": ema})
+    spawn(eval_reader_worker, (2, free_port(), str(tmp_path / "run"), str(tmp_path / "res")), 2)
+    r0, r1 = (torch.load(tmp_path / f"res-{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["evaluated_step"] == 2
+    for key, step in (("newest", 2), ("chosen", 1)):
+        assert r0[key][1] == r1[key][1] == step
+        for k, v in r0[key][0].items():
+            assert torch.equal(v, r1[key][0][k]), (key, k)
 
 
 def test_a_sharded_checkpoint_of_another_model_is_refused_naming_the_mismatch(tmp_path, teachers):

@@ -36,15 +36,19 @@ from decm.models.build import backbone_kwargs, load_network_teacher
 
 
 def load_student(run_dir: str, backbone, dataset, use_ema: bool = True, step: int | None = None,
-                 ckpt_dir: str | None = None):
+                 ckpt_dir: str | None = None, collective: bool = False):
     """The newest valid checkpoint's EMA (or raw) weights, or those of checkpoint `step`, from
-    `<run_dir>/checkpoints` or `ckpt_dir` (e.g. a post-hoc EMA reconstruction, decm.phema)."""
+    `<run_dir>/checkpoints` or `ckpt_dir` (e.g. a post-hoc EMA reconstruction, decm.phema).
+    `collective=True` (every rank calls it): rank 0 reads, the others receive (decm.one_reader)."""
+    from decm.one_reader import read_once
+
     ckpt_dir = ckpt_dir or os.path.join(run_dir, "checkpoints")
     if step is None:
-        path, state = checkpoint.latest_valid(ckpt_dir)
+        path, state = checkpoint.latest_valid(ckpt_dir, collective=collective)  # reports on rank 0 only
     else:
         path = checkpoint.path_for(ckpt_dir, step)
-        state = torch.load(path, map_location="cpu", weights_only=True) if checkpoint.is_valid(path) else None
+        read = lambda: torch.load(path, map_location="cpu", weights_only=True) if checkpoint.is_valid(path) else None  # noqa: E731
+        state = read_once(read) if collective else read()
     if state is None:
         raise FileNotFoundError(f"no valid checkpoint in {ckpt_dir}" + (f" at step {step}" if step is not None else ""))
     model = backbone(**backbone_kwargs(dataset), flow_map=True)
@@ -217,13 +221,15 @@ def evaluate(
     out_dir = out_dir or run_dir
     student, step = None, 0
     if student_nfe:  # the 'teacher' ablation row evaluates the teacher alone
-        student, step = load_student(run_dir, backbone, dataset, use_ema, checkpoint_step, checkpoint_dir)
+        student, step = load_student(run_dir, backbone, dataset, use_ema, checkpoint_step, checkpoint_dir,
+                                     collective=info.distributed)
         student = student.to(dev)
     if teacher_nfe:
         if teacher_checkpoint:
             from decm.method.teachers import NetworkTeacher
 
-            teacher = NetworkTeacher(load_network_teacher(backbone, dataset, teacher_source, teacher_checkpoint, dev))
+            teacher = NetworkTeacher(load_network_teacher(backbone, dataset, teacher_source, teacher_checkpoint, dev,
+                                                          collective=info.distributed))
         else:
             teacher = dataset.analytic_teacher()
         teacher = teacher.to(dev)
