@@ -26,8 +26,10 @@ saved by one with-grad forward (traced with fake tensors) + the backward's tempo
 or the optimizer's phase when larger. Each measured row carries its prediction (`--fsdp-grads`: what
 FSDP holds between the terms' backwards) and the ratio measured / predicted. Computed rows (no
 measurement): XL/2, LightningDiT-XL/1 and 2B/2 at world 1, 8 and 16, batch 32 per GPU, fp32 and
-bf16-autocast activations, AdamW's multi-tensor update (CUDA's default), FSDP's gradients sharded
-during the whole step — and, beside it, the peak if they are held unsharded between the terms.
+bf16-autocast activations, AdamW's multi-tensor update (CUDA's default), the two post-hoc EMA
+profiles of gin/decm_xl.gin, FSDP's gradients sharded during the whole step — and, beside it, the peak
+if they are held unsharded between the terms. Rows read with `--rows-from` keep their measurements
+and get the current model's prediction; computed rows are always recomputed.
 
 Step times come from a shared 2-core machine unless stated otherwise: read the FSDP/DDP ratio, not the
 seconds. Writes `<out>/memory.json` and `<out>/memory.md` (default out: bench/results).
@@ -52,6 +54,7 @@ COMPUTED = [("XL/2", dict(input_size=32, in_channels=4, num_classes=1000)),
             ("LightningDiT-XL/1", dict(input_size=16, in_channels=32, num_classes=1000)),
             ("2B/2", dict(input_size=32, in_channels=4, num_classes=1000))]
 COMPUTED_BATCH = 32  # per GPU, as gin/decm_xl.gin
+COMPUTED_PHEMA_PROFILES = 2  # post-hoc EMA profiles of the computed rows: gin/decm_xl.gin's σ_rel (0.05, 0.2)
 BATCH_PER_RANK = 4
 STEPS = 5            # windows 1–3 are measured (see the module docstring)
 MEASURED_STEPS = (1, 2, 3)
@@ -171,13 +174,14 @@ def summarise(prof: list[dict], timed: list[dict]) -> dict:
 
 
 def predicted(preset: str, kwargs: dict, world: int, label: str, batch: int, autocast_dtype=None,
-              fsdp_grads: str = "sharded", foreach: bool = False) -> dict:
+              fsdp_grads: str = "sharded", foreach: bool = False, phema_profiles: int = 0) -> dict:
     from decm import memory
 
     mode, shard_teacher = MODES[label]
     return memory.predict_step_peak(backbone(preset), kwargs, batch, world, mode, teacher=True,
                                     shard_teacher=shard_teacher, autocast_dtype=autocast_dtype,
-                                    unsharded_grads=fsdp_grads == "unsharded", optimizer_foreach=foreach)
+                                    unsharded_grads=fsdp_grads == "unsharded", optimizer_foreach=foreach,
+                                    phema_profiles=phema_profiles)
 
 
 def table(rows: list[dict]) -> str:
@@ -249,13 +253,14 @@ def main(argv=None) -> int:
     for path in args.rows_from:
         with open(path) as f:
             earlier = json.load(f)
-        for r in earlier["rows"]:  # measured rows get the current model's prediction (computed ones stay)
-            if r["kind"] == "measured":
-                r["predicted"] = predicted(r["preset"], IMAGE, r["world"], r["mode"], r["batch_per_rank"],
-                                           fsdp_grads=args.fsdp_grads)
-        rows += earlier["rows"]
+        earlier_measured = [r for r in earlier["rows"] if r["kind"] == "measured"]  # computed rows: recomputed below
+        for r in earlier_measured:  # measured rows get the current model's prediction
+            r["predicted"] = predicted(r["preset"], IMAGE, r["world"], r["mode"], r["batch_per_rank"],
+                                       fsdp_grads=args.fsdp_grads)
+        rows += earlier_measured
         sources.append({"file": path, "commit": earlier.get("commit"),
-                        "load_average_at_end": earlier.get("machine", {}).get("load_average_at_end")})
+                        "load_average_at_end": earlier.get("machine", {}).get("load_average_at_end"),
+                        "rows_from": earlier.get("rows_from", [])})  # where that file's own rows came from
     measured = [r for r in rows if r["kind"] == "measured"]
     for r in measured:
         ddp = next((d for d in measured if d["mode"] == "ddp" and d["preset"] == r["preset"] and d["world"] == r["world"]),
@@ -267,13 +272,16 @@ def main(argv=None) -> int:
         for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             for world in args.computed_worlds:
                 for label in (["none"] if world == 1 else ["ddp", "fsdp+st"]):
-                    pred = predicted(preset, kwargs, world, label, COMPUTED_BATCH, dtype, "sharded", foreach=True)
+                    pred = predicted(preset, kwargs, world, label, COMPUTED_BATCH, dtype, "sharded", foreach=True,
+                                     phema_profiles=COMPUTED_PHEMA_PROFILES)
                     rows.append({"preset": preset, "world": world, "mode": label, "kind": "computed",
                                  "precision": precision, "batch_per_rank": COMPUTED_BATCH, "predicted": pred,
+                                 "phema_profiles": COMPUTED_PHEMA_PROFILES,
                                  "predicted_if_fsdp_grads_unsharded": predicted(
-                                     preset, kwargs, world, label, COMPUTED_BATCH, dtype, "unsharded", foreach=True)
+                                     preset, kwargs, world, label, COMPUTED_BATCH, dtype, "unsharded", foreach=True,
+                                     phema_profiles=COMPUTED_PHEMA_PROFILES)
                                  if label.startswith("fsdp") else None,
-                                 **{k: pred[k] for k in ("params", "optimizer", "ema", "teacher")},
+                                 **{k: pred[k] for k in ("params", "optimizer", "ema", "phema", "teacher")},
                                  "grads": pred["grads"]})
     unique = {}
     for r in rows:  # a row measured or computed twice (--rows-from) is kept once, the first time

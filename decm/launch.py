@@ -185,7 +185,7 @@ def print_memory_estimate(summary: dict, world: int) -> None:
         if world < 2 and mode in ("ddp", "fsdp"):
             mode = resolve(mode, world)  # the one-line error a real launch would give
         print(f"# {name}: " + memory.describe(stage["shard_profile"], world, mode, stage["teacher_shard_profile"],
-                                               stage["shard_teacher"] and mode == "fsdp"))
+                                               stage["shard_teacher"] and mode == "fsdp", stage.get("phema_profiles", 0)))
 
 
 def main(argv=None) -> int:

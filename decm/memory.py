@@ -8,7 +8,7 @@ run stores it and the launcher prints the estimate for the cluster's world, benc
 it with the bytes measured on CPU ranks.
 
 `per_rank` counts (fp32, the loop's dtypes): parameters, gradients, AdamW's two moments, the EMA copy,
-the frozen teacher. `predict_step_peak` adds what a step holds on top of that at its peak — DDP's
+the post-hoc EMA profiles (one copy each), the frozen teacher. `predict_step_peak` adds what a step holds on top of that at its peak — DDP's
 gradient buckets, FSDP's transient unsharded blocks, the activations saved by one with-grad forward
 (traced with fake tensors: exact shapes, no memory) and the backward's temporaries — and is checked
 against the peak measured on CPU ranks by bench/memory.py. Neither counts the CUDA context,
@@ -39,7 +39,7 @@ def numel(profile: dict, world: int = 1) -> int:
 
 
 def per_rank(student: dict, world: int, mode: str, teacher: dict | None = None, shard_teacher: bool = False,
-             replicated_numel: int = 0) -> dict:
+             replicated_numel: int = 0, phema_profiles: int = 0) -> dict:
     """Bytes per rank of each part of the training state.
 
     Args:
@@ -50,13 +50,16 @@ def per_rank(student: dict, world: int, mode: str, teacher: dict | None = None, 
       shard_teacher: the teacher is sharded too (FSDP only).
       replicated_numel: learnable parameters outside the student (the objective's), replicated and
         updated by AdamW on every rank.
+      phema_profiles: post-hoc EMA profiles tracked (`train.phema_sigma_rels`): each a copy of the
+        student, sharded like the EMA under FSDP.
     """
     s = numel(student, world if mode == "fsdp" else 1)
     t = numel(teacher, world if mode == "fsdp" and shard_teacher else 1) if teacher else 0
     out = {"params": FP32 * (s + replicated_numel), "grads": FP32 * (s + replicated_numel),
-           "optimizer": 2 * FP32 * (s + replicated_numel), "ema": FP32 * s, "teacher": FP32 * t}
+           "optimizer": 2 * FP32 * (s + replicated_numel), "ema": FP32 * s, "teacher": FP32 * t,
+           "phema": phema_profiles * FP32 * s}
     out["state"] = out["params"] + out["grads"] + out["optimizer"]  # what the FSDP target is stated on
-    out["total"] = out["state"] + out["ema"] + out["teacher"]
+    out["total"] = out["state"] + out["ema"] + out["teacher"] + out["phema"]
     return out
 
 
@@ -66,13 +69,15 @@ def target(ddp_state_bytes: int, world: int, replicated_bytes: int) -> float:
     return 1.1 * ddp_state_bytes / world + replicated_bytes
 
 
-def describe(student: dict, world: int, mode: str, teacher: dict | None = None, shard_teacher: bool = False) -> str:
+def describe(student: dict, world: int, mode: str, teacher: dict | None = None, shard_teacher: bool = False,
+             phema_profiles: int = 0) -> str:
     """One line per part, in GB, for the dry run."""
-    b = per_rank(student, world, mode, teacher, shard_teacher)
+    b = per_rank(student, world, mode, teacher, shard_teacher, phema_profiles=phema_profiles)
     gb = {k: v / 1e9 for k, v in b.items()}
+    phema = f" + post-hoc EMA {phema_profiles} × {gb['ema']:.2f} GB" if phema_profiles else ""
     return (f"per-rank training state, {mode} over {world} ranks (fp32; activations not included): "
             f"params {gb['params']:.2f} GB + grads {gb['grads']:.2f} GB + AdamW {gb['optimizer']:.2f} GB "
-            f"+ EMA {gb['ema']:.2f} GB + teacher {gb['teacher']:.2f} GB = {gb['total']:.2f} GB")
+            f"+ EMA {gb['ema']:.2f} GB + teacher {gb['teacher']:.2f} GB{phema} = {gb['total']:.2f} GB")
 
 
 def _nbytes(tensors) -> int:
@@ -140,13 +145,13 @@ FSDP_BLOCKS_IN_JVP = 2
 
 def predict_step_peak(build, kwargs: dict, batch: int, world: int, mode: str, teacher: bool = True,
                       shard_teacher: bool = False, autocast_dtype=None, unsharded_grads: bool = False,
-                      optimizer_foreach: bool = False) -> dict:
+                      optimizer_foreach: bool = False, phema_profiles: int = 0) -> dict:
     """Predicted peak bytes per rank during one DE-CM training step (decm.train's loop, backward per term).
 
     peak = resident + grads + unit + activations + temporaries, where
       resident: what the rank holds when the step starts — parameters, AdamW's two moments of the
-        trainable ones, the EMA, the teacher (÷ world when sharded), and under DDP its gradient
-        buckets (one more copy of the trainable parameters);
+        trainable ones, the EMA, the post-hoc EMA profiles (one student copy each), the teacher (÷ world
+        when sharded), and under DDP its gradient buckets (one more copy of the trainable parameters);
       grads: the trainable parameters' gradients (÷ world under FSDP; with `unsharded_grads` — FSDP2
         with the gradient reduction deferred to the last term, `set_requires_gradient_sync(False)` —
         the whole model's unsharded gradients, held from the first term's backward to the last's);
@@ -180,6 +185,7 @@ def predict_step_peak(build, kwargs: dict, batch: int, world: int, mode: str, te
       unsharded_grads: FSDP holds unsharded gradients between the terms (see above).
       optimizer_foreach: AdamW runs its multi-tensor (foreach) update (CUDA's default; on CPU it
         updates one tensor at a time).
+      phema_profiles: post-hoc EMA profiles tracked (`train.phema_sigma_rels`; gin/decm_xl.gin: 2).
 
     Returns the parts and "peak", in bytes.
     """
@@ -202,9 +208,10 @@ def predict_step_peak(build, kwargs: dict, batch: int, world: int, mode: str, te
     params = FP32 * numel(profile_all, sharded)
     train_bytes = FP32 * numel(profile_train, sharded)
     teacher_bytes = FP32 * numel(shard_profile(t_net), world if mode == "fsdp" and shard_teacher else 1) if teacher else 0
-    out = {"params": params, "optimizer": 2 * train_bytes, "ema": params, "teacher": teacher_bytes,
-           "ddp_buckets": FP32 * numel(profile_train) if mode == "ddp" else 0}
-    out["resident"] = out["params"] + out["optimizer"] + out["ema"] + out["teacher"] + out["ddp_buckets"]
+    out = {"params": params, "optimizer": 2 * train_bytes, "ema": params, "phema": phema_profiles * params,
+           "teacher": teacher_bytes, "ddp_buckets": FP32 * numel(profile_train) if mode == "ddp" else 0}
+    out["resident"] = (out["params"] + out["optimizer"] + out["ema"] + out["phema"] + out["teacher"]
+                       + out["ddp_buckets"])
     deferred = mode == "fsdp" and unsharded_grads
     out["grads"] = FP32 * numel(profile_train) if deferred else train_bytes
     out["unit"] = 0

@@ -124,7 +124,8 @@ def train(
         raise ValueError(f"train.compile_backend must be 'off' or one of "
                          f"{torch.compiler.list_backends(exclude_tags=())}, got {compile_backend!r}")
     if build_only:
-        summary = build_summary(stage, dataset, backbone, objective, teacher_source, parallel, shard_teacher)
+        summary = build_summary(stage, dataset, backbone, objective, teacher_source, parallel, shard_teacher,
+                                len(phema_sigma_rels or ()))
         summary["missing_inputs"] = missing_inputs(dataset, teacher_source, teacher_checkpoint)
         return summary
     info = distributed.init(device)
@@ -338,11 +339,13 @@ def missing_inputs(dataset, teacher_source, teacher_checkpoint) -> list[str]:
     return out
 
 
-def build_summary(stage, dataset, backbone, objective, teacher_source, parallel="auto", shard_teacher=False) -> dict:
+def build_summary(stage, dataset, backbone, objective, teacher_source, parallel="auto", shard_teacher=False,
+                  phema_profiles: int = 0) -> dict:
     """Builds the stage's model on the meta device (no memory); arguments were checked by check_stage.
 
-    Includes the shard profiles (decm.memory) of the student and of a network teacher, from which the
-    launcher's dry run estimates the per-GPU training state for the cluster's world size."""
+    Includes the shard profiles (decm.memory) of the student and of a network teacher and the number of
+    post-hoc EMA profiles, from which the launcher's dry run estimates the per-GPU training state for
+    the cluster's world size."""
     from decm import memory
 
     data_parallel.check_mode(parallel)
@@ -359,7 +362,8 @@ def build_summary(stage, dataset, backbone, objective, teacher_source, parallel=
             "data_shape": tuple(dataset.shape), "num_classes": dataset.num_classes,
             "objective": type(objective).__name__ if objective is not None else "FlowMatchingPretrain",
             "parallel": parallel, "shard_teacher": shard_teacher, "shard_profile": memory.shard_profile(model),
-            "teacher_shard_profile": memory.shard_profile(teacher) if teacher is not None else None}
+            "teacher_shard_profile": memory.shard_profile(teacher) if teacher is not None else None,
+            "phema_profiles": phema_profiles}
 
 
 def write_operative_config(run_dir: str, tracker=None) -> None:

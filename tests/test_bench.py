@@ -257,6 +257,26 @@ def test_step_peak_model_counts_the_state_by_hand_and_traces_the_real_activation
     assert 0.5 * real["saved"] < bf16 < 0.9 * real["saved"]  # autocast saves bf16 matmul inputs, fp32 norms
 
 
+def test_the_memory_model_counts_each_post_hoc_ema_profile_as_the_bytes_it_holds():
+    """train.phema_sigma_rels = (0.05, 0.2): the two profiles PowerFunctionEMA keeps are the bytes
+    decm.memory adds to the resident state (per_rank, the dry run's line, predict_step_peak)."""
+    from decm import memory
+    from decm.phema import PowerFunctionEMA
+
+    build = lambda **k: sit("tiny", time_scale=1.0, **k)  # noqa: E731
+    data = dict(input_size=16, in_channels=4, num_classes=10)
+    student = build(**data, flow_map=True)
+    profiles = PowerFunctionEMA(student, (0.05, 0.2)).profiles
+    held = sum(t.numel() * t.element_size() for m in profiles for t in [*m.parameters(), *m.buffers()])
+    assert memory.per_rank(memory.shard_profile(student), 1, "none", phema_profiles=2)["phema"] == held
+    with_phema = memory.predict_step_peak(build, data, 4, 1, "none", phema_profiles=2)
+    without = memory.predict_step_peak(build, data, 4, 1, "none")
+    assert with_phema["resident"] - without["resident"] == with_phema["phema"] == held
+    assert with_phema["peak"] - without["peak"] == held
+    line = memory.describe(memory.shard_profile(student), 1, "none", phema_profiles=2)
+    assert f"post-hoc EMA 2 × {held / 2 / 1e9:.2f} GB" in line
+
+
 def test_gpu_check_without_a_gpu_is_one_line_and_xl_cpu_refuses_a_malformed_configuration():
     """bench/gpu_check.sh with no CUDA device visible (hidden here, so the test means the same on any machine)
     exits 2 with one line; a configuration xl_cpu.py cannot parse is a one-line error too."""

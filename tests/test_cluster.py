@@ -56,8 +56,9 @@ def test_multinode_fsdp_dry_run_prints_the_sbatch_script_and_the_per_gpu_estimat
         teacher = memory.shard_profile(sit("LightningDiT-XL/1", input_size=16, in_channels=32, num_classes=1000,
                                            flow_map=False))
     line = next(line for line in out.splitlines() if line.startswith("# distill: per-rank training state"))
-    assert line == "# distill: " + memory.describe(student, 16, "fsdp", teacher, True)
+    assert line == "# distill: " + memory.describe(student, 16, "fsdp", teacher, True, 2)  # 2 post-hoc EMA profiles
     assert "fsdp over 16 ranks" in line and "params 0.17 GB" in line  # 677M × 4 B / 16
+    assert "post-hoc EMA 2 × 0.17 GB" in line
     assert not (tmp_path / "xl").exists()
 
 
