@@ -554,7 +554,8 @@ def _write(args, rows, t0) -> None:
                                "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                                "shared": "timings measured under load from other jobs; see load_average_after"},
                    "cfg": {"scale": CFG_SCALE, "clip_norm": CFG_CLIP}, "process_bytes_assumed": PROCESS_BYTES,
-                   "fsdp_grads_assumed": args.fsdp_grads, "commit": _commit()},
+                   "fsdp_grads_assumed": args.fsdp_grads, "commit": _commit(),
+                   "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}},
                   f, indent=1)
     os.replace(tmp, args.out)
 

@@ -239,7 +239,31 @@ def paper_path(root: str = ROOT) -> list[str]:
     return table(["stage", "wall s", f"peak GiB (depth {run['depth']} of 28)", "peak GiB at depth 28 (estimate)"], rows)
 
 
-GENERATED = {"paper_path": paper_path, "headline": headline, "step_cost": step_cost, "step_parts": step_parts, "sampling": sampling,
+def xl_cpu(root: str = ROOT) -> list[str]:
+    """bench/xl_cpu.py at real size on CPU: per configuration the tensor peak per rank during the step against
+    decm.memory's prediction, the RSS peak, the step time and the JVP's error against the float64 central
+    difference (bench/results/xl_cpu*.json, every file that exists)."""
+    gib = lambda b: f"{b / 2 ** 30:.2f}"
+    rows = []
+    for path in sorted(glob.glob(os.path.join(root, "bench", "results", "xl_cpu*.json"))):
+        if path.endswith("-reduced.json"):
+            continue
+        data = load(os.path.relpath(path, root), root)
+        for r in data["rows"]:
+            status = r["status"].split(":")[0] if r["status"] == "ok" or ":" not in r["status"] else (
+                "killed (out of memory)" if "SIGKILL" in r["status"] else r["status"].split(":")[0])
+            jvp = next((x["jvp_check"]["relative_error"] for x in r.get("ranks", []) if "jvp_check" in x), None)
+            rows.append([r["model"], r["config"], os.path.basename(path), status,
+                         gib(r["peak"]) if "peak" in r else "—", gib(r["predicted"]["peak"]) if "predicted" in r else "—",
+                         f"{r['peak_over_predicted']:.3f}" if "peak_over_predicted" in r else "—",
+                         gib(max(r["rss_peak_per_rank"])) if "rss_peak_per_rank" in r else "—",
+                         f"{sum(r['step_seconds']) / len(r['step_seconds']):.0f}" if "step_seconds" in r else "—",
+                         f"{jvp:.1e}" if jvp is not None else "—"])
+    return table(["model", "config", "file", "status", "tensor peak GiB/rank", "predicted GiB/rank",
+                  "measured ÷ predicted", "RSS peak GiB/rank", "step s", "JVP vs float64 FD (rel.)"], rows)
+
+
+GENERATED = {"xl_cpu": xl_cpu, "paper_path": paper_path, "headline": headline, "step_cost": step_cost, "step_parts": step_parts, "sampling": sampling,
              "memory_totals": memory_totals, "first_hop": first_hop, "install": install, "mutations": mutations}
 
 
