@@ -18,6 +18,15 @@ Two sources, each optional:
   (> 10× the run's median) and the step of the last one, next to the run's final metric at NFE 1 (SW2 and
   energy distance), per seed.
 
+With `--checkpoints`, every saved checkpoint of those runs (EMA weights) is evaluated at NFE 1 (chain) with
+the run's own evaluation settings (`python -m decm.evaluate RUN --step K`, same noise and reference as the
+run's final evaluation; cached under `<out>/evals/`, so a rerun resumes): per row, the one-step metric at
+each checkpoint for every seed, its spread across seeds at each checkpoint (when the seeds part ways) and
+the fluctuation within each run over the second half of training, next to the across-seed spread at the
+end. A within-run fluctuation as large as the across-seed spread means the seed decides little: the final
+value is where a moving one-step map happens to be when training stops. Also per row, the correlation over
+seeds of the final NFE-1 metric with the late N2N loss and with the number of gradient spikes.
+
 Writes `<out>/table.md` and `results.json`. Sample sds use ddof = 1. Lower is better for every error.
 """
 
@@ -112,6 +121,99 @@ def ablation_runs(runs_root: str, benchmark: str, rows) -> dict:
     return out
 
 
+def checkpoint_metrics(run_dir: str, evals_dir: str) -> dict:
+    """{step: {"energy": …, "sw2": …}} of the EMA student at NFE 1 (chain) for every valid checkpoint of a run,
+    each from `python -m decm.evaluate RUN --step K` with the run's own evaluation settings (cached in
+    `evals_dir/step<K>/metrics.json`)."""
+    from decm import checkpoint
+    from decm.evaluate import main as evaluate_main
+
+    out = {}
+    steps = sorted(checkpoint.step_of(p) for p in checkpoint.candidates(os.path.join(run_dir, "checkpoints"))
+                   if checkpoint.is_valid(p, load=False))
+    for step in steps:
+        cell = os.path.join(evals_dir, f"step{step}")
+        path = os.path.join(cell, "metrics.json")
+        if not os.path.exists(path):
+            code = evaluate_main([run_dir, "--step", str(step), "--nfe", "1", "--sampler", "chain", "--teacher-nfe",
+                                  "--no-wandb", "--out", cell])
+            if code != 0:
+                raise RuntimeError(f"decm.evaluate {run_dir} --step {step} exited with {code}")
+        with open(path) as f:
+            rows = json.load(f).get("rows", [])
+        row = next(r for r in rows if r.get("model") == "student" and r.get("nfe") == 1)
+        out[step] = {k: float(row[k]) for k in ("energy", "sw2") if k in row}
+    return out
+
+
+def run_dirs(runs_root: str, benchmark: str, rows) -> dict:
+    """{row: {seed: run_dir}} of the finished runs (with metrics.json)."""
+    out = {}
+    for row in rows:
+        for run_dir in sorted(glob.glob(os.path.join(runs_root, benchmark, f"{row}-seed*-*"))):
+            seed = os.path.basename(run_dir)[len(row) + len("-seed"):].split("-")[0]
+            if seed.isdigit() and os.path.exists(os.path.join(run_dir, "metrics.json")):
+                out.setdefault(row, {})[int(seed)] = run_dir
+    return out
+
+
+def trajectories(dirs: dict, evals_root: str, metric: str, stats: dict) -> dict:
+    """Per row: each seed's NFE-1 `metric` at every checkpoint, the across-seed sd at each checkpoint, the
+    within-run sd over the checkpoints of the second half of training (mean over seeds), and the correlation
+    over seeds of the final metric with the late N2N loss and the gradient-spike count."""
+    out = {}
+    for row, seeds in dirs.items():
+        traces = {}
+        for seed, run_dir in sorted(seeds.items()):
+            m = checkpoint_metrics(run_dir, os.path.join(evals_root, os.path.basename(run_dir)))
+            traces[seed] = {step: v[metric] for step, v in m.items() if metric in v}
+        steps = sorted(set.intersection(*(set(t) for t in traces.values()))) if traces else []
+        if not steps:
+            continue
+        late = [s for s in steps if s > steps[-1] / 2] or steps[-1:]
+        across = {step: sd([t[step] for t in traces.values()]) for step in steps}
+        within = [sd([t[s] for s in late]) for t in traces.values()]
+        entry = {"steps": steps, "late_steps": late, "traces": {str(k): v for k, v in traces.items()},
+                 "mean": {step: float(np.mean([t[step] for t in traces.values()])) for step in steps},
+                 "sd_across_seeds": across, "within_run_sd_late_mean": float(np.mean(within)),
+                 "seeds": sorted(traces)}
+        finals = {seed: t[steps[-1]] for seed, t in traces.items()}
+        for key in ("late loss/n2n", "grad_spikes"):
+            pairs = [(finals[s], stats.get(row, {}).get(s, {}).get(key)) for s in finals]
+            pairs = [(a, b) for a, b in pairs if b is not None]
+            if len(pairs) >= 3 and np.std([b for _, b in pairs]) > 0 and np.std([a for a, _ in pairs]) > 0:
+                entry[f"corr final vs {key}"] = float(np.corrcoef(*zip(*pairs))[0, 1])
+                entry[f"corr n ({key})"] = len(pairs)
+        out[row] = entry
+    return out
+
+
+def trajectory_markdown(traj: dict, metric: str) -> list[str]:
+    if not traj:
+        return []
+    steps = sorted({s for e in traj.values() for s in e["steps"]})
+    md = [f"## NFE-1 {metric} over training, per seed (EMA student at each checkpoint)", "",
+          "Across-seed sd at each checkpoint (when the seeds part ways) and the within-run sd over the second "
+          "half of training (mean over seeds); corr: Pearson r over seeds of the final value with the late N2N "
+          "loss / the gradient-spike count.", "",
+          "| row | seeds | " + " | ".join(f"mean @ {s}" for s in steps) + " | " + " | ".join(
+              f"sd across @ {s}" for s in steps) + " | within-run sd (late) | corr with late N2N loss | "
+          "corr with spikes |", "|---|---|" + "---|" * (2 * len(steps) + 3)]
+    for row, e in traj.items():
+        cells = [f"{e['mean'][s]:.4f}" if s in e["mean"] else "—" for s in steps]
+        cells += [f"{e['sd_across_seeds'][s]:.4f}" if s in e["sd_across_seeds"] else "—" for s in steps]
+        corr = [f"{e[k]:+.2f} (n = {e[n]})" if k in e else "—" for k, n in
+                (("corr final vs late loss/n2n", "corr n (late loss/n2n)"), ("corr final vs grad_spikes", "corr n (grad_spikes)"))]
+        md.append(f"| {row} | {len(e['seeds'])} | " + " | ".join(cells) + f" | {e['within_run_sd_late_mean']:.4f} | "
+                  + " | ".join(corr) + " |")
+    md += ["", "Per-seed traces (step: value):", ""]
+    for row, e in traj.items():
+        for seed, t in e["traces"].items():
+            md.append(f"- {row} seed {seed}: " + ", ".join(f"{s}: {v:.4f}" for s, v in sorted(t.items())))
+    md.append("")
+    return md
+
+
 def markdown(spread: dict, runs: dict, meta: dict) -> str:
     md = ["# Seed variance of the one-step result", ""]
     if spread:
@@ -161,6 +263,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs-root", default="runs/ablations", help="where the ablation runs live")
     p.add_argument("--benchmark", default=None, help="ablation benchmark whose runs to read (e.g. toy2d_uneven)")
     p.add_argument("--rows", nargs="+", default=["decm", "fm_cd"], help="ablation rows to read")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="also evaluate every checkpoint of the runs at NFE 1 (decm.evaluate --step; cached in <out>/evals)")
+    p.add_argument("--metric", default="energy", choices=["energy", "sw2"], help="metric of the checkpoint trajectories")
     p.add_argument("--out", default=None, help="output dir (default: a fresh runs/analysis/seed_variance-<time>)")
     args = p.parse_args(argv)
     if args.last < 2 or not (args.n2n_results or args.benchmark):
@@ -182,14 +287,20 @@ def main(argv=None) -> int:
         return 2
     meta = {"n2n_results": args.n2n_results, "last": args.last, "benchmark": args.benchmark, "rows": args.rows,
             "spike_factor": SPIKE_FACTOR, "late_fraction": LATE_FRACTION}
-    md = markdown(spread, runs, meta)
     out = args.out or os.path.join("runs", "analysis", time.strftime("seed_variance-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
+    traj = {}
+    if args.checkpoints and args.benchmark:
+        traj = trajectories(run_dirs(args.runs_root, args.benchmark, args.rows), os.path.join(out, "evals"),
+                            args.metric, runs)
+    meta["checkpoint_metric"] = args.metric if traj else None
+    md = markdown(spread, runs, meta) + "\n" + "\n".join(trajectory_markdown(traj, args.metric))
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(md + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "checkpoint_spread": spread,
-                   "runs": {r: {str(k): v for k, v in s.items()} for r, s in runs.items()}}, f, indent=2)
+                   "runs": {r: {str(k): v for k, v in s.items()} for r, s in runs.items()},
+                   "trajectories": traj}, f, indent=2)
     print(md)
     print(f"\n→ {out}/table.md, results.json")
     return 0

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import sys
 
 import torch
@@ -422,3 +423,47 @@ def test_seed_variance_separates_late_fluctuation_from_the_spread_across_seeds(t
     assert "| decm | 3 |" in (out / "table.md").read_text()
     assert seed_variance.main(["--n2n-results", "", "--benchmark", "nope", "--runs-root", str(tmp_path / "runs"),
                                "--out", str(out)]) == 2
+
+
+def test_seed_variance_trajectories_part_ways_and_fluctuate_as_computed_by_hand(monkeypatch):
+    """trajectories(): across-seed sd at each checkpoint, the within-run sd over the second half of training
+    and the correlation of the final value with the late N2N loss, from checkpoint values given by hand."""
+    seed_variance = load("seed_variance")
+    values = {"a0": {1000: 0.10, 2000: 0.02, 3000: 0.04}, "a1": {1000: 0.10, 2000: 0.06, 3000: 0.02},
+              "a2": {1000: 0.10, 2000: 0.03, 3000: 0.09}}
+    monkeypatch.setattr(seed_variance, "checkpoint_metrics",
+                        lambda run_dir, evals: {k: {"energy": v} for k, v in values[run_dir].items()})
+    stats = {"decm": {0: {"late loss/n2n": 1.0}, 1: {"late loss/n2n": 0.5}, 2: {"late loss/n2n": 2.0}}}
+    traj = seed_variance.trajectories({"decm": {0: "a0", 1: "a1", 2: "a2"}}, "evals", "energy", stats)["decm"]
+    assert traj["steps"] == [1000, 2000, 3000] and traj["late_steps"] == [2000, 3000]
+    assert traj["sd_across_seeds"][1000] < 1e-12
+    assert math.isclose(traj["sd_across_seeds"][3000], float(torch.tensor([0.04, 0.02, 0.09]).std()), rel_tol=1e-6)
+    within = [abs(0.02 - 0.04) / math.sqrt(2), abs(0.06 - 0.02) / math.sqrt(2), abs(0.03 - 0.09) / math.sqrt(2)]
+    assert math.isclose(traj["within_run_sd_late_mean"], sum(within) / 3, rel_tol=1e-9)
+    finals, n2n = [0.04, 0.02, 0.09], [1.0, 0.5, 2.0]
+    r = float(torch.corrcoef(torch.tensor([finals, n2n], dtype=torch.float64))[0, 1])
+    assert math.isclose(traj["corr final vs late loss/n2n"], r, rel_tol=1e-9) and traj["corr n (late loss/n2n)"] == 3
+    assert "corr final vs grad_spikes" not in traj  # no spike counts given: no correlation claimed
+
+
+def test_checkpoint_metrics_at_the_last_step_reproduce_the_runs_own_evaluation(tmp_path):
+    """seed_variance --checkpoints evaluates each checkpoint with the run's own settings: at the final step
+    it gives exactly the NFE-1 numbers of the run's metrics.json; earlier checkpoints give other numbers."""
+    from decm import launch
+
+    seed_variance = load("seed_variance")
+    run_dir = str(tmp_path / "runs" / "toy2d_exact" / "decm-seed0-000000000000")
+    argv = ["--gin", "gin/toy2d_exact_teacher.gin", "--run-dir", run_dir]
+    for b in ["experiment.stages = ('distill', 'evaluate')", "distill/train.steps = 12", "distill/train.batch_size = 32",
+              "distill/train.ckpt_every_steps = 6", "distill/train.log_every_steps = 2", "train.progress = False",
+              "backbones.mlp.width = 32", "backbones.mlp.depth = 1", "evaluate.n_samples = 300",
+              "evaluate.teacher_nfe = ()"]:
+        argv += ["--bind", b]
+    assert launch.main(argv) == 0
+    got = seed_variance.checkpoint_metrics(run_dir, str(tmp_path / "evals"))
+    assert sorted(got) == [6, 12]
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        own = next(r for r in json.load(f)["rows"] if r["model"] == "student" and r["sampler"] == "chain" and r["nfe"] == 1)
+    assert got[12] == {"energy": float(own["energy"]), "sw2": float(own["sw2"])}
+    assert got[6]["energy"] != got[12]["energy"]
+    assert seed_variance.checkpoint_metrics(run_dir, str(tmp_path / "evals")) == got  # cached, identical

@@ -160,7 +160,8 @@ def test_memory_benchmark_measures_the_peak_during_the_step_and_the_model_predic
     """bench/memory.py on 2 CPU ranks through decm.train's own loop: the peak measured during the step (the
     profiler's allocation events) is within 15% of decm.memory's prediction for DDP and for FSDP with the
     teacher sharded; the bytes held when a step starts are the predicted resident state (params, AdamW, EMA,
-    teacher, DDP's buckets) within 5%; FSDP's peak is below DDP's; the meta-device rows for XL are written."""
+    teacher, DDP's buckets) within 5% plus what a gloo thread frees unseen (one gradient copy under DDP, one
+    transient unit under FSDP); FSDP's peak is below DDP's; the meta-device rows for XL are written."""
     r = _run_bench(["bench/memory.py", "--presets", "tiny", "--worlds", "2", "--modes", "ddp", "fsdp+st",
                     "--no-timing", "--computed-worlds", "8", "--out", str(tmp_path)])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -169,9 +170,10 @@ def test_memory_benchmark_measures_the_peak_during_the_step_and_the_model_predic
     assert set(measured) == {"ddp", "fsdp+st"}
     for row in measured.values():
         assert 0.85 <= row["peak"] / row["predicted"]["peak"] <= 1.15, (row["mode"], row["peak"], row["predicted"])
-        # DDP: a gradient bucket freed on a gloo thread is not seen by the profiler, so up to one gradient copy
-        # may still count as held when the next step starts (seen on an idle machine: +5.5 MB on tiny)
-        slack = row["predicted"]["grads"] if row["mode"] == "ddp" else 0
+        # Buffers freed on a gloo thread are not seen by the profiler, so they may still count as held when the
+        # next step starts: under DDP up to one gradient copy (its bucket; seen on an idle machine: +5.5 MB on
+        # tiny), under FSDP up to the transient unsharded unit (reduce-scatter buffers; seen under load: +1.3 MB)
+        slack = row["predicted"]["grads"] if row["mode"] == "ddp" else row["predicted"]["unit"]
         held, resident = row["resident_at_step_start"], row["predicted"]["resident"]
         assert 0.95 * resident <= held <= 1.05 * resident + slack, (row["mode"], held, resident, slack)
         assert row["peak"] > row["resident_at_step_start"]

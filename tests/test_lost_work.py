@@ -27,15 +27,24 @@ def test_ctrl_c_writes_a_checkpoint_at_the_step_boundary_and_exits_130(tmp_path)
         run_dir, "distill/train.steps = 1000000", "distill/train.ckpt_every_steps = 1000000",
         "distill/train.log_every_steps = 1")
     env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def ctrl_c_as_in_a_terminal():  # a suite started in the background inherits SIGINT ignored: undo that
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # own session: SIGINT is not ignored as in a background job
-    stats = os.path.join(run_dir, "stats.jsonl")
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline and (
-            not os.path.exists(stats) or sum(1 for _ in open(stats)) < 20):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+                            start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
+    try:
+        stats = os.path.join(run_dir, "stats.jsonl")
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and (
+                not os.path.exists(stats) or sum(1 for _ in open(stats)) < 20):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:  # never leave a million-step run behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("decm.launch: interrupted at step ") and last.endswith("; rerun the same command to resume")
