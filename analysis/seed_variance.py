@@ -20,7 +20,7 @@ Two sources, each optional:
 
 With `--checkpoints`, every saved checkpoint of those runs (EMA weights) is evaluated at NFE 1 (chain) with
 the run's own evaluation settings (`python -m decm.evaluate RUN --step K`, same noise and reference as the
-run's final evaluation; cached under `<out>/evals/`, so a rerun resumes): per row, the one-step metric at
+run's final evaluation; cached under `--evals`, so a rerun resumes): per row, the one-step metric at
 each checkpoint for every seed, its spread across seeds at each checkpoint (when the seeds part ways) and
 the fluctuation within each run over the second half of training, next to the across-seed spread at the
 end. A within-run fluctuation as large as the across-seed spread means the seed decides little: the final
@@ -266,6 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoints", action="store_true",
                    help="also evaluate every checkpoint of the runs at NFE 1 (decm.evaluate --step; cached in <out>/evals)")
     p.add_argument("--metric", default="energy", choices=["energy", "sw2"], help="metric of the checkpoint trajectories")
+    p.add_argument("--evals", default="runs/analysis/checkpoint-evals",
+                   help="cache of the checkpoint evaluations (one folder per run; a rerun reuses them)")
     p.add_argument("--out", default=None, help="output dir (default: a fresh runs/analysis/seed_variance-<time>)")
     args = p.parse_args(argv)
     if args.last < 2 or not (args.n2n_results or args.benchmark):
@@ -291,8 +293,8 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     traj = {}
     if args.checkpoints and args.benchmark:
-        traj = trajectories(run_dirs(args.runs_root, args.benchmark, args.rows), os.path.join(out, "evals"),
-                            args.metric, runs)
+        traj = trajectories(run_dirs(args.runs_root, args.benchmark, args.rows),
+                            os.path.join(args.evals, args.benchmark), args.metric, runs)
     meta["checkpoint_metric"] = args.metric if traj else None
     md = markdown(spread, runs, meta) + "\n" + "\n".join(trajectory_markdown(traj, args.metric))
     with open(os.path.join(out, "table.md"), "w") as f:
