@@ -112,12 +112,11 @@ def run_statistics(run_dir: str) -> dict | None:
 def ablation_runs(runs_root: str, benchmark: str, rows) -> dict:
     """{row: {seed: statistics}} of the finished runs `<runs_root>/<benchmark>/<row>-seed<k>-<hash>`."""
     out = {}
-    for row in rows:
-        for run_dir in sorted(glob.glob(os.path.join(runs_root, benchmark, f"{row}-seed*-*"))):
-            seed = os.path.basename(run_dir)[len(row) + len("-seed"):].split("-")[0]
+    for row, seeds in run_dirs(runs_root, benchmark, rows).items():
+        for seed, run_dir in seeds.items():
             st = run_statistics(run_dir)
-            if seed.isdigit() and st is not None:
-                out.setdefault(row, {})[int(seed)] = st
+            if st is not None:
+                out.setdefault(row, {})[seed] = st
     return out
 
 

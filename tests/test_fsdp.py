@@ -259,9 +259,7 @@ def test_a_ddp_run_resumes_from_a_sharded_checkpoint_read_by_rank_0_alone(tmp_pa
 
 
 def one_reader_worker(rank, world, port, ckpts, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    rank_env(rank, world, port)
     from decm import distributed
     from decm.one_reader import read_once
 
@@ -315,9 +313,7 @@ def test_one_reader_sends_every_rank_the_same_state_and_the_same_error(tmp_path)
 
 
 def eval_reader_worker(rank, world, port, run_dir, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    rank_env(rank, world, port)
     from decm import distributed
     from decm.data.builtin import GaussianMixture2D
     import decm.sampling  # noqa: F401  (registers the samplers)
@@ -365,10 +361,15 @@ def test_a_sharded_checkpoint_of_another_model_is_refused_naming_the_mismatch(tm
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == before  # nothing lost
 
 
-def tangent_worker(rank, world, port, out):
+def rank_env(rank: int, world: int, port: int) -> None:
+    """This process is rank `rank` of `world` on localhost (torch.distributed's env:// variables), one thread."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def tangent_worker(rank, world, port, out):
+    rank_env(rank, world, port)
     from decm import distributed, parallel
     from decm.method.jvp import flow_map_jvp, unwrap
     from decm.models.sit import sit
@@ -445,9 +446,7 @@ def test_fsdp_bad_input_is_one_line(tmp_path):
 def precision_worker(rank, world, port, out):
     """The JVP and the with-grad forward of a student sharded under the bf16-gather policy (CPU, gloo),
     recording what the time embedder and the first block receive."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    rank_env(rank, world, port)
     import torch.autograd.forward_ad as fwAD
 
     from decm import distributed, parallel
@@ -572,9 +571,7 @@ def test_part_gradient_diagnostics_under_fsdp_equal_ddp(tmp_path, teachers):
 
 def grad_memory_worker(rank, world, port, out):
     """One DE-CM step with backward per term on a sharded SiT: gradient bytes held after each term."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    rank_env(rank, world, port)
     import copy
 
     from decm import distributed, parallel
