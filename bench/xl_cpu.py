@@ -1,7 +1,7 @@
 """Real-size DE-CM training steps on CPU: LightningDiT-XL/1 and SiT-XL/2, one process and FSDP over 2.
 
     python bench/xl_cpu.py [--models lightningdit-xl1 sit-xl2] [--configs single:fp32 fsdp2:fp32 ...]
-                           [--batch 2] [--max-gib 20] [--deadline-minutes M] [--reduced] [--out FILE]
+                           [--batch 2] [--max-gib 20] [--deadline-minutes M] [--reduced | --depth N] [--out FILE]
 
 Each configuration runs in fresh processes (world 1 or 2, gloo, threads = 2 / world) and does:
   1. builds teacher, student and EMA with the real architecture (`--reduced`: the same code at width
@@ -26,7 +26,12 @@ a deadline it waits for other jobs to free memory, up to one minute before the d
 configuration that does not fit is not started and the JSON says by how much. A configuration still
 running at the deadline is stopped (its finished phases stay recorded). Step times on a shared machine
 are recorded with the load average and are not a benchmark. Writes bench/results/xl_cpu.json
-(`--reduced`: xl_cpu-reduced.json).
+(`--reduced`: xl_cpu-reduced.json; `--depth N`: xl_cpu-depthN.json).
+
+`--depth N` keeps the real width, heads, tokens and batch and builds only N blocks (the prediction is
+made for the same N blocks): bf16 autocast on a CPU without native bf16 matrix units (AVX2 only) runs
+its matrix products ~100× slower than fp32, so a full-depth bf16 step does not finish in a session there
+— the driver measures both rates at the model's MLP shape and records them (`matmul_gflops`).
 """
 
 from __future__ import annotations
@@ -73,9 +78,9 @@ PROCESS_BYTES = 0.8e9             # one worker's own memory (interpreter, torch,
 SEED = 0
 
 
-def architecture(model: str, reduced: bool):
+def architecture(model: str, reduced: bool, depth: int | None = None):
     preset, data, options = MODELS[model]
-    overrides = {**options, **(REDUCED if reduced else {})}
+    overrides = {**options, **(REDUCED if reduced else {}), **({"depth": depth} if depth else {})}
 
     def build(**kwargs):
         from decm.models.sit import sit
@@ -85,10 +90,10 @@ def architecture(model: str, reduced: bool):
 
 
 def predicted(model: str, reduced: bool, mode: str, world: int, precision: str, batch: int,
-              fsdp_grads: str = "sharded", device: str = "cpu") -> dict:
+              fsdp_grads: str = "sharded", device: str = "cpu", depth: int | None = None) -> dict:
     from decm import memory
 
-    build, data = architecture(model, reduced)
+    build, data = architecture(model, reduced, depth)
     return memory.predict_step_peak(build, data, batch, world, mode, teacher=True, shard_teacher=mode == "fsdp",
                                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
                                     unsharded_grads=fsdp_grads == "unsharded", optimizer_foreach=device == "cuda")
@@ -250,7 +255,8 @@ def measure_passes(student, teacher, opt, params, data: dict, batch: int, device
     return out
 
 
-def worker(rank, world, port, model, mode, precision, batch, steps, first_step, reduced, device_type, passes, out):
+def worker(rank, world, port, model, mode, precision, batch, steps, first_step, reduced, device_type, passes, out,
+           depth=None):
     """One rank of one configuration; writes `out`-<rank>.json after every phase."""
     if device_type == "cpu":
         os.environ.update(OMP_NUM_THREADS=str(max(1, 2 // world)))
@@ -281,7 +287,7 @@ def worker(rank, world, port, model, mode, precision, batch, steps, first_step, 
     from decm.seeding import step_generator
 
     info = distributed.init(device_type)
-    build, data = architecture(model, reduced)
+    build, data = architecture(model, reduced, depth)
     t0 = time.perf_counter()
     windows.mark("build")
     with torch.device("meta"):
@@ -377,8 +383,8 @@ def run_config(model, config, args, tmp) -> dict:
     import torch.multiprocessing as mp
 
     mode, world, precision = parse_config(config)
-    pred = predicted(model, args.reduced, mode, world, precision, args.batch, args.fsdp_grads, args.device)
-    row = {"model": model, "config": config, "world": world, "precision": precision, "batch_per_rank": args.batch,
+    pred = predicted(model, args.reduced, mode, world, precision, args.batch, args.fsdp_grads, args.device, args.depth)
+    row = {"model": model, "config": config, "depth": args.depth or ("reduced" if args.reduced else "full"), "world": world, "precision": precision, "batch_per_rank": args.batch,
            "device": args.device, "mode": {"none": "one process", "ddp": "DDP", "fsdp": "FSDP (teacher sharded)"}[mode],
            "predicted": pred}
     if args.device == "cuda":  # per GPU: the prediction + ~1 GB of CUDA context against the free memory of GPU 0
@@ -409,7 +415,7 @@ def run_config(model, config, args, tmp) -> dict:
     out = os.path.join(tmp, f"{model}-{config.replace(':', '-')}")
     t0 = time.time()
     ctx = mp.start_processes(worker, args=(world, _port(), model, mode, precision, args.batch, args.steps,
-                                           args.first_step, args.reduced, args.device, args.passes, out),
+                                           args.first_step, args.reduced, args.device, args.passes, out, args.depth),
                              nprocs=world, start_method="spawn", join=False)
     status = "ok"
     try:
@@ -450,6 +456,31 @@ def run_config(model, config, args, tmp) -> dict:
     return row
 
 
+def matmul_rates(arch, batch: int, threads: int = 2) -> dict:
+    """Measured GFLOP/s of one (batch · tokens) × hidden by hidden × 4·hidden product in fp32 and in bf16,
+    with `threads` threads (what the one-process configurations use): why a bf16 step is slow on this CPU."""
+    build, data = arch
+    with torch.device("meta"):
+        net = build(**data, flow_map=False)
+    _, tokens, hidden = net.pos_embed.shape
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rates = {"shape": [batch * tokens, hidden, 4 * hidden], "threads": threads}
+    try:
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a = torch.randn(batch * tokens, hidden).to(dtype)
+            b = torch.randn(hidden, 4 * hidden).to(dtype)
+            a @ b  # warm-up
+            reps, t0 = 0, time.perf_counter()
+            while reps < 3 or time.perf_counter() - t0 < 1.0:
+                a @ b
+                reps += 1
+            rates[name] = 2 * a.shape[0] * hidden * 4 * hidden * reps / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.set_num_threads(before)
+    return rates
+
+
 def table(rows: list[dict]) -> str:
     """One Markdown table of the rows (any mix of devices and configurations)."""
     def gib(b):
@@ -459,6 +490,8 @@ def table(rows: list[dict]) -> str:
              "L_cm ÷ FM step | JVP in forwards | attention: forward / JVP / with-grad |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if isinstance(r.get("depth"), int):
+            r = {**r, "model": f"{r['model']} ({r['depth']} block{'s' if r['depth'] > 1 else ''})"}
         pa = r.get("passes")
         att = " / ".join(", ".join(pa["attention"][k]) or "—" for k in ("forward", "jvp", "with_grad")) if pa else "—"
         peak = f"{gib(r['peak'])} ({gib(r['predicted']['peak'])})" if "peak" in r else (
@@ -501,7 +534,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-gib", type=float, default=20.0, help="refuse a configuration predicted above this (GiB)")
     p.add_argument("--deadline-minutes", type=float, default=0.0, help="stop whatever runs after this long (0: never)")
     p.add_argument("--reduced", action="store_true", help="width 64, depth 2, 4 heads (the test suite's version)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/xl_cpu[-reduced].json)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="real width, heads and tokens with only this many blocks (bf16 on a CPU without native bf16)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/xl_cpu[-reduced|-depthN].json)")
     args = p.parse_args(argv)
     if args.table:
         rows = []
@@ -514,6 +549,9 @@ def main(argv=None) -> int:
         print("bench/xl_cpu.py: error: --batch and --steps must be ≥ 1, --first-step ≥ 0 and --max-gib > 0",
               file=sys.stderr)
         return 2
+    if args.depth is not None and (args.depth < 1 or args.reduced):
+        print("bench/xl_cpu.py: error: --depth must be ≥ 1 and cannot be combined with --reduced", file=sys.stderr)
+        return 2
     try:
         for config in args.configs:
             parse_config(config)
@@ -523,7 +561,13 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/xl_cpu.py: error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
-    args.out = args.out or os.path.join("bench", "results", "xl_cpu-reduced.json" if args.reduced else "xl_cpu.json")
+    suffix = "-reduced" if args.reduced else (f"-depth{args.depth}" if args.depth else "")
+    args.out = args.out or os.path.join("bench", "results", f"xl_cpu{suffix}.json")
+    args.matmul_gflops = None
+    if args.device == "cpu" and any(parse_config(c)[2] == "bf16" for c in args.configs):
+        args.matmul_gflops = matmul_rates(architecture(args.models[0], args.reduced, args.depth), args.batch)
+        print(f"[xl_cpu] matrix products at the MLP's shape, 2 threads: fp32 {args.matmul_gflops['fp32']:.1f}, "
+              f"bf16 {args.matmul_gflops['bf16']:.2f} GFLOP/s", file=sys.stderr, flush=True)
     args.deadline = time.time() + 60 * args.deadline_minutes if args.deadline_minutes > 0 else 0
     rows, t0 = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -548,7 +592,8 @@ def _write(args, rows, t0) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"rows": rows, "reduced": args.reduced, "device": args.device,
+        json.dump({"rows": rows, "reduced": args.reduced, "depth": args.depth, "device": args.device,
+                   "matmul_gflops": args.matmul_gflops,
                    "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(), "seconds": time.time() - t0, "torch": torch.__version__,
                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),

@@ -242,7 +242,8 @@ def paper_path(root: str = ROOT) -> list[str]:
 def xl_cpu(root: str = ROOT) -> list[str]:
     """bench/xl_cpu.py at real size on CPU: per configuration the tensor peak per rank during the step against
     decm.memory's prediction, the RSS peak, the step time and the JVP's error against the float64 central
-    difference (bench/results/xl_cpu*.json, every file that exists)."""
+    difference (bench/results/xl_cpu*.json, every file that exists; `--depth` files have fewer blocks at the
+    real width)."""
     gib = lambda b: f"{b / 2 ** 30:.2f}"
     rows = []
     for path in sorted(glob.glob(os.path.join(root, "bench", "results", "xl_cpu*.json"))):
@@ -253,13 +254,13 @@ def xl_cpu(root: str = ROOT) -> list[str]:
             status = r["status"].split(":")[0] if r["status"] == "ok" or ":" not in r["status"] else (
                 "killed (out of memory)" if "SIGKILL" in r["status"] else r["status"].split(":")[0])
             jvp = next((x["jvp_check"]["relative_error"] for x in r.get("ranks", []) if "jvp_check" in x), None)
-            rows.append([r["model"], r["config"], os.path.basename(path), status,
+            rows.append([r["model"], str(data.get("depth") or 28), r["config"], os.path.basename(path), status,
                          gib(r["peak"]) if "peak" in r else "—", gib(r["predicted"]["peak"]) if "predicted" in r else "—",
                          f"{r['peak_over_predicted']:.3f}" if "peak_over_predicted" in r else "—",
                          gib(max(r["rss_peak_per_rank"])) if "rss_peak_per_rank" in r else "—",
                          f"{sum(r['step_seconds']) / len(r['step_seconds']):.0f}" if "step_seconds" in r else "—",
                          f"{jvp:.1e}" if jvp is not None else "—"])
-    return table(["model", "config", "file", "status", "tensor peak GiB/rank", "predicted GiB/rank",
+    return table(["model", "blocks", "config", "file", "status", "tensor peak GiB/rank", "predicted GiB/rank",
                   "measured ÷ predicted", "RSS peak GiB/rank", "step s", "JVP vs float64 FD (rel.)"], rows)
 
 

@@ -195,7 +195,7 @@ def _run_bench(args, timeout=600):
 def test_xl_cpu_reduced_trains_finite_with_an_exact_jvp_and_the_predicted_peak(tmp_path):
     """bench/xl_cpu.py at reduced width — the real-size script's own code path (meta-device build,
     sharded materialisation, the loop's step) on LightningDiT-XL/1's inputs (32 × 16 × 16, SwiGLU, RMSNorm,
-    RoPE): one process fp32 and FSDP over 2 ranks in bf16 autocast. Every loss is finite, the JVP tangent
+    RoPE): one process and FSDP over 2 ranks, fp32. Every loss is finite, the JVP tangent
     equals the float64 central difference, FSDP's fp32 losses are the single process's, and the measured
     per-rank peak is within 15% of decm.memory's prediction."""
     out = tmp_path / "xl.json"
@@ -291,3 +291,21 @@ def test_gpu_check_without_a_gpu_is_one_line_and_xl_cpu_refuses_a_malformed_conf
     assert r.returncode == 2 and r.stderr.strip() == f"bench/gpu_check.sh: no CUDA device visible to {sys.executable}"
     r = _run_bench(["bench/xl_cpu.py", "--configs", "fsdp1:fp32"])
     assert r.returncode == 2 and "expected single:<p>, ddp<N>:<p> or fsdp<N>:<p> with N ≥ 2" in r.stderr
+    r = _run_bench(["bench/xl_cpu.py", "--reduced", "--depth", "1"])
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "bench/xl_cpu.py: error: --depth must be ≥ 1 and cannot be combined with --reduced")
+
+
+def test_xl_cpu_depth_keeps_the_real_width_and_measures_both_matmul_rates():
+    """`--depth N` builds the real width, heads and tokens with N blocks (the prediction is made for the same
+    network); the matmul probe that explains a slow bf16 step measures both precisions at the MLP's shape."""
+    xl = load_bench("xl_cpu")
+    build, data = xl.architecture("sit-xl2", False, 2)
+    with torch.device("meta"):
+        net = build(**data, flow_map=False)
+    assert len(net.blocks) == 2 and net.pos_embed.shape == (1, 256, 1152)
+    full = xl.predicted("sit-xl2", False, "none", 1, "fp32", 2)
+    two = xl.predicted("sit-xl2", False, "none", 1, "fp32", 2, depth=2)
+    assert two["params"] < full["params"] / 5 and two["activations"] < full["activations"] / 5
+    rates = xl.matmul_rates(xl.architecture("sit-xl2", True), batch=2)  # reduced width: a 512 × 64 × 256 product
+    assert rates["shape"] == [512, 64, 256] and rates["threads"] == 2 and rates["fp32"] > 0 and rates["bf16"] > 0
