@@ -5,7 +5,9 @@
 #   .ci/slurm.sh stop      stop the daemons by their pid files
 #   .ci/slurm.sh env       print `export SLURM_CONF=...` (clients need it)
 # State, logs and pid files live under $DECM_SLURM_DIR (default /tmp/decm-slurm).
-# cred_expire=10: a requeued job may restart after 10 s instead of Slurm's default 120 s (preemption test).
+# cred_expire=10: a requeued job may restart after 10 s instead of Slurm's default 120 s (preemption test);
+# sched_interval/bf_interval=1: a job that became eligible starts within a second instead of waiting up to
+# 30-60 s for the next scheduling pass (each requeue in the preemption tests waited 20-40 s for it).
 set -euo pipefail
 DIR="${DECM_SLURM_DIR:-/tmp/decm-slurm}"
 CONF="$DIR/slurm.conf"
@@ -46,6 +48,7 @@ SelectTypeParameters=CR_Core
 JobRequeue=1
 ReturnToService=2
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 MpiDefault=none
 SlurmctldTimeout=30
 SlurmdTimeout=30

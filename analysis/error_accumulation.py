@@ -101,8 +101,9 @@ def final_distance(student, dataset, sampler_name, nfe, n, seed, reference):
     return sliced_wasserstein(x, reference)
 
 
-def study(run_dirs: dict, nfes, n: int, seed: int, ode_steps: int) -> dict:
-    """{label: {'hops': {sampler: {nfe: rows}}, 'final': {sampler: {nfe: sw2}}}} for 2-D runs."""
+def study(run_dirs: dict, nfes, n: int, seed: int, ode_steps: int, final_n: int = 4000) -> dict:
+    """{label: {'hops': {sampler: {nfe: rows}}, 'final': {sampler: {nfe: sw2}}}} for 2-D runs; the final SW₂ uses
+    `final_n` samples against as many reference points."""
     import gin
 
     from decm.eval.evaluate import load_student, sample_noise
@@ -120,12 +121,12 @@ def study(run_dirs: dict, nfes, n: int, seed: int, ode_steps: int) -> dict:
         idx = np.arange(n)
         z = sample_noise(idx, dataset.shape, seed)
         y = torch.as_tensor(idx % dataset.num_classes) if dataset.num_classes else None
-        reference, _ = dataset.reference(4000, torch.Generator().manual_seed(seed + 1))
-        res = {"run_dir": run_dir, "hops": {}, "final": {}}
+        reference, _ = dataset.reference(final_n, torch.Generator().manual_seed(seed + 1))
+        res = {"run_dir": run_dir, "hops": {}, "final": {}, "final_n": final_n}
         for sampler in ("chain", "euler_instant"):
             res["hops"][sampler] = {str(k): hop_errors(student, teacher, z, y, k, sampler, ode_steps) for k in nfes}
         for sampler in ("chain", "euler_instant", "cm_renoise"):
-            res["final"][sampler] = {str(k): final_distance(student, dataset, sampler, k, 4000, seed, reference)
+            res["final"][sampler] = {str(k): final_distance(student, dataset, sampler, k, final_n, seed, reference)
                                      for k in nfes}
         results[label] = res
     return results
@@ -289,6 +290,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=2000, help="trajectories per measurement")
     p.add_argument("--seed", type=int, default=4321, help="seed of the held-out noise")
     p.add_argument("--ode-steps", type=int, default=200, help="RK4 steps per unit time of the exact trajectory")
+    p.add_argument("--final-n", type=int, default=4000,
+                   help="samples (and reference points) of each final SW₂ (the committed results use 4000)")
     p.add_argument("--steps", type=int, default=None, help="steps when the default runs must be trained")
     p.add_argument("--seeds", type=int, default=3, help="training seeds of the default runs (0 … N − 1); mean ± sd "
                                                          "in over_seeds.md (ignored with --runs)")
@@ -299,8 +302,8 @@ def main(argv=None) -> int:
                                                "error_accumulation-toy2d, replaced only when given here)")
     args = p.parse_args(argv)
     sys.path.insert(0, os.getcwd())
-    if args.seeds < 1:
-        print("error_accumulation: error: --seeds must be ≥ 1", file=sys.stderr)
+    if args.seeds < 1 or args.final_n < 2:
+        print("error_accumulation: error: --seeds must be ≥ 1 and --final-n ≥ 2", file=sys.stderr)
         return 2
     try:
         if args.runs:
@@ -308,10 +311,10 @@ def main(argv=None) -> int:
             for d in dirs.values():
                 if not os.path.isfile(os.path.join(d, "config.gin")):
                     raise FileNotFoundError(f"{d} is not a run directory (no config.gin)")
-            by_seed = {0: study(dirs, args.nfe, args.n, args.seed, args.ode_steps)}
+            by_seed = {0: study(dirs, args.nfe, args.n, args.seed, args.ode_steps, args.final_n)}
         else:
             by_seed = {k: study(ensure_runs(args.benchmark, args.runs_root, args.steps, args.bind, k), args.nfe,
-                                args.n, args.seed, args.ode_steps) for k in range(args.seeds)}
+                                args.n, args.seed, args.ode_steps, args.final_n) for k in range(args.seeds)}
     except (FileNotFoundError, ValueError) as e:
         print(f"error_accumulation: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -117,11 +117,12 @@ def test_scripts_produce_their_files(tmp_path):
     assert len(over["table"]["cd_only"]["divergence_events"]["values"]) == 2
     assert " ± " in (out / "over_seeds.md").read_text()
     out2 = tmp_path / "ea"
-    assert error_accumulation.main(["--nfe", "1", "2", "--n", "64", "--steps", "8", "--ode-steps", "50", "--seeds", "2",
+    assert error_accumulation.main(["--nfe", "1", "2", "--n", "64", "--final-n", "500", "--steps", "8", "--ode-steps", "50", "--seeds", "2",
                                     "--runs-root", str(tmp_path / "abl"), "--out", str(out2),
                                     "--bind", "evaluate.n_samples = 100"] + common) == 0
     for f in ("table.md", "table.csv", "results.json", "hop_errors.png", "final_vs_nfe.png", "over_seeds.md"):
         assert (out2 / f).stat().st_size > 0, f
+    assert {r["final_n"] for r in json.loads((out2 / "results.json").read_text()).values()} == {500}
     ea = json.loads((out2 / "over_seeds.json").read_text())
     assert ea["meta"]["seeds"] == [0, 1] and ea["meta"]["torch"]
     hop = ea["runs"]["with N2N (DE-CM)"]["hops"]["2"][0]["local"]
@@ -163,7 +164,7 @@ def test_n2n_diagnostic_runs_end_to_end_and_its_measures_are_exact_for_the_oracl
     n2n = load("n2n_diagnostic")
     out = tmp_path / "out"
     argv = ["--variants", "fm_cd", "decm", "--seeds", "2", "--steps", "8", "--ckpt-every", "4", "--n", "64",
-            "--ode-steps", "20", "--runs-root", str(tmp_path / "runs"), "--out", str(out),
+            "--ode-steps", "8", "--runs-root", str(tmp_path / "runs"), "--out", str(out),
             "--bind", "backbones.mlp.width = 16", "--bind", "distill/train.batch_size = 16",
             "--bind", "evaluate.n_samples = 100", "--bind", "wandb.enabled = False"]
     assert n2n.main(argv) == 0
