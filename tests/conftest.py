@@ -7,7 +7,9 @@ import torch
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 os.environ["WANDB_MODE"] = "disabled"  # W&B tests bind wandb.mode = 'offline' explicitly
 os.environ["WANDB_SILENT"] = "true"
-torch.set_num_threads(2)
+# One thread count for the test process and every process it starts (Slurm jobs, subprocesses inherit
+# OMP_NUM_THREADS): runs compared bit for bit across processes must sum in the same order. 2 unless set.
+torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture(autouse=True)
