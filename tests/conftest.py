@@ -8,8 +8,12 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 os.environ["WANDB_MODE"] = "disabled"  # W&B tests bind wandb.mode = 'offline' explicitly
 os.environ["WANDB_SILENT"] = "true"
 # One thread count for the test process and every process it starts (Slurm jobs, subprocesses inherit
-# OMP_NUM_THREADS): runs compared bit for bit across processes must sum in the same order. 2 unless set.
-torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "2")))
+# OMP_NUM_THREADS): runs compared bit for bit across processes must sum in the same order. The machine's
+# OMP_NUM_THREADS (2 unless set) is split between the pytest-xdist workers, so that two workers on two
+# cores do not oversubscribe them.
+THREADS = max(1, int(os.environ.get("OMP_NUM_THREADS", "2")) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,8 @@ from decm.cluster import ClusterSpec, submit
 from decm.job import RunSpec, parse, prepare, run
 from decm.tracking import read_stats
 
-pytestmark = pytest.mark.slurm
+# One xdist worker runs them all, in order: the test Slurm is one node with 2 CPUs.
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 TOY = [
     "experiment.stages = ('distill',)",
