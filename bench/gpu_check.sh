@@ -2,6 +2,8 @@
 # GPU check: the real-size DE-CM step on CUDA, ready to run on a fresh GPU machine after the README's install.
 #
 #   bench/gpu_check.sh            # PY=path/to/python to use another interpreter than .venv/bin/python
+#                                 # GPU_CHECK_MINUTES=M: stop each part after M minutes (default 7; what did not
+#                                 # finish is recorded as stopped / not started in the JSON)
 #
 # One GPU (≈ 4–6 min on an H100/H200): LightningDiT-XL/1 and SiT-XL/2 (random weights, batch 32 per GPU)
 # run 4 DE-CM training steps in bf16 autocast and in fp32 (bench/xl_cpu.py --device cuda), recording
@@ -15,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+MINUTES=${GPU_CHECK_MINUTES:-7}
 if ! NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"); then
     echo "bench/gpu_check.sh: cannot import torch with $PY (install as the README says, or set PY)" >&2
     exit 2
@@ -28,11 +31,11 @@ mkdir -p bench/results
 OUTS=("bench/results/gpu-xl-1gpu-$NAME.json")
 STATUS=0
 "$PY" bench/xl_cpu.py --device cuda --models lightningdit-xl1 sit-xl2 --configs single:bf16 single:fp32 \
-    --batch 32 --steps 4 --passes --out "${OUTS[0]}" || STATUS=1
+    --batch 32 --steps 4 --passes --deadline-minutes "$MINUTES" --out "${OUTS[0]}" || STATUS=1
 if [ "$NGPU" -ge 2 ]; then
     OUTS+=("bench/results/gpu-xl-${NGPU}gpu-$NAME.json")
     "$PY" bench/xl_cpu.py --device cuda --models lightningdit-xl1 --configs "ddp$NGPU:bf16" "fsdp$NGPU:bf16" \
-        --batch 32 --steps 4 --out "${OUTS[1]}" || STATUS=1
+        --batch 32 --steps 4 --deadline-minutes "$MINUTES" --out "${OUTS[1]}" || STATUS=1
 fi
 echo
 "$PY" bench/xl_cpu.py --table "${OUTS[@]}"

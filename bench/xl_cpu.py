@@ -154,7 +154,13 @@ def _inputs(data: dict, batch: int, seed: int, device) -> tuple:
 
 
 def jvp_check(student, teacher, data: dict, batch: int, device) -> dict:
-    """The L_cm tangent dF(x, t, 1)·(v_φ, 1, 0) by torch.func.jvp vs a float64 central difference."""
+    """The L_cm tangent dF(x, t, 1)·(v_φ, 1, 0) by torch.func.jvp vs a float64 central difference.
+
+    On CUDA the tangent is computed twice: with the backend's precision flags as training runs them
+    (PyTorch's defaults let cuDNN convolutions use TF32, `torch.backends.cudnn.allow_tf32`, while fp32
+    matrix products stay full fp32) and with TF32 off everywhere ('without_tf32'), so a difference in
+    the error is attributed to TF32 rather than to the JVP.
+    """
     from decm.method.jvp import flow_map_jvp, jvp_finite_difference
 
     x, t, y = _inputs(data, batch, SEED + 7, device)
@@ -166,10 +172,24 @@ def jvp_check(student, teacher, data: dict, batch: int, device) -> dict:
     jvp_seconds = time.perf_counter() - t0
     _, fd = jvp_finite_difference(lambda m, a, b, c: m(a, b, c, y), (x, t, s), (v, torch.ones_like(t), torch.zeros_like(s)),
                                   eps=1e-4, module=student)
-    diff = (tangent.double() - fd.double())
-    return {"max_abs_error": float(diff.abs().max()), "relative_error": float(diff.norm() / fd.double().norm()),
-            "tangent_norm": float(tangent.norm()), "finite": bool(torch.isfinite(tangent).all()),
-            "fd_eps": 1e-4, "jvp_plus_teacher_seconds": jvp_seconds, "seconds": time.perf_counter() - t0}
+
+    def errors(tan):
+        diff = tan.double() - fd.double()
+        return {"max_abs_error": float(diff.abs().max()), "relative_error": float(diff.norm() / fd.double().norm()),
+                "tangent_norm": float(tan.norm()), "finite": bool(torch.isfinite(tan).all())}
+
+    out = {**errors(tangent), "fd_eps": 1e-4, "jvp_plus_teacher_seconds": jvp_seconds}
+    if torch.device(device).type == "cuda":
+        flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        out["tf32"] = {"cudnn": flags[0], "matmul": flags[1]}
+        try:
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            _, exact = flow_map_jvp(student, x, t, s, y, v, torch.ones_like(t), torch.zeros_like(s), method="autograd")
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        out["without_tf32"] = errors(exact)
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 def sdpa_backends(fn) -> list[str]:
