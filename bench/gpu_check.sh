@@ -5,7 +5,7 @@
 #                                 # GPU_CHECK_MINUTES=M: stop each part after M minutes (default 7; what did not
 #                                 # finish is recorded as stopped / not started in the JSON)
 #
-# One GPU (≈ 4–6 min on an H100/H200): LightningDiT-XL/1 and SiT-XL/2 (random weights, batch 32 per GPU)
+# One GPU (≈ 4 min on an H200, measured): LightningDiT-XL/1 and SiT-XL/2 (random weights, batch 32 per GPU)
 # run 4 DE-CM training steps in bf16 autocast and in fp32 (bench/xl_cpu.py --device cuda), recording
 # img/s, the peak allocated memory of each step against decm/memory.py's prediction, the cost of the
 # passes a step is made of (no-grad forward F, JVP J, with-grad pass W, CFG teacher call, an FM step and

@@ -272,7 +272,30 @@ def measure_passes(student, teacher, opt, params, data: dict, batch: int, device
     sec = out["seconds"]
     out["jvp_in_forwards"] = sec["jvp"] / sec["forward"]
     out["cm_step_over_fm_step"] = sec["cm_step"] / sec["fm_step"]
+    if device.type == "cuda":  # a lead, not an option of decm: the same JVP with TF32 matrix products
+        out["jvp_tf32"] = jvp_with_tf32(jvp, student, x, t, ones, y, v, device, repeats)
+        out["jvp_tf32"]["in_forwards"] = out["jvp_tf32"]["seconds"] / sec["forward"]
     return out
+
+
+def jvp_with_tf32(jvp, student, x, t, ones, y, v, device, repeats: int) -> dict:
+    """Seconds of the L_cm JVP with TF32 allowed in matrix products and convolutions (CUDA), and the
+    relative difference of its tangent from the tangent under PyTorch's default flags."""
+    from bench._timing import median_seconds
+    from decm.method.jvp import flow_map_jvp
+
+    zeros = torch.zeros_like(t)
+    _, reference = flow_map_jvp(student, x, t, ones, y, v, ones, zeros, method="autograd")
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        seconds = median_seconds(jvp, device, repeats)
+        _, tangent = flow_map_jvp(student, x, t, ones, y, v, ones, zeros, method="autograd")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    diff, norm = float((tangent - reference).double().norm()), float(reference.double().norm())
+    return {"seconds": seconds, "difference_norm": diff, "reference_norm": norm,
+            "relative_difference": diff / norm if norm > 0 else None}
 
 
 def worker(rank, world, port, model, mode, precision, batch, steps, first_step, reduced, device_type, passes, out,

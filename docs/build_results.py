@@ -264,7 +264,53 @@ def xl_cpu(root: str = ROOT) -> list[str]:
                   "measured ÷ predicted", "RSS peak GiB/rank", "step s", "JVP vs float64 FD (rel.)"], rows)
 
 
-GENERATED = {"xl_cpu": xl_cpu, "paper_path": paper_path, "headline": headline, "step_cost": step_cost, "step_parts": step_parts, "sampling": sampling,
+def _gpu_rows(root: str):
+    """(file name, row) of every configuration in bench/results/gpu-*.json (bench/gpu_check.sh on CUDA)."""
+    for path in sorted(glob.glob(os.path.join(root, "bench", "results", "gpu-*.json"))):
+        for r in load(os.path.relpath(path, root), root)["rows"]:
+            yield os.path.basename(path), r
+
+
+def gpu_check(root: str = ROOT) -> list[str]:
+    """bench/gpu_check.sh on CUDA: per model and precision the throughput, the mean step time (the first,
+    warm-up step left out), the peak allocated memory during the step against decm.memory's prediction
+    and the JVP's error against the float64 central difference (as run / with TF32 off)."""
+    rows = []
+    for name, r in _gpu_rows(root):
+        if "peak" not in r:
+            rows.append([r["model"], r["config"], name, r["status"].split(":")[0]] + ["—"] * 6)
+            continue
+        jc, timed = r.get("jvp_check"), r["step_seconds"][1:] or r["step_seconds"]
+        jvp = "—" if jc is None else f"{jc['relative_error']:.1e}" + (
+            f" / {jc['without_tf32']['relative_error']:.1e}" if "without_tf32" in jc else " / not run")
+        rows.append([r["model"], r["config"], name, r["status"].split(":")[0], f"{r['images_per_second']:.1f}",
+                     f"{sum(timed) / len(timed):.2f}", f"{r['peak'] / 2 ** 30:.2f}",
+                     f"{r['predicted']['peak'] / 2 ** 30:.2f}", f"{r['peak_over_predicted']:.3f}", jvp])
+    return table(["model", "config", "file", "status", "img/s", "step s", "peak GiB", "predicted GiB",
+                  "measured ÷ predicted", "JVP vs float64 FD, rel. (as run / TF32 off)"], rows)
+
+
+def gpu_passes(root: str = ROOT) -> list[str]:
+    """bench/gpu_check.sh on CUDA: median milliseconds of each pass of a step (F no-grad forward, J the
+    no-grad JVP of L_cm, W with-grad forward + backward, T the CFG teacher call, an FM step, an L_cm step),
+    J in forwards, the L_cm ÷ FM step ratio, J with TF32 allowed (where measured) and how far its tangent
+    moved, and the attention kernel of F / J / W."""
+    rows = []
+    for name, r in _gpu_rows(root):
+        pa = r.get("passes")
+        if not pa:
+            continue
+        ms = lambda k: f"{pa['seconds'][k] * 1e3:.0f}"
+        tf32 = pa.get("jvp_tf32")
+        rows.append([r["model"], r["config"], name, ms("forward"), ms("jvp"), ms("with_grad"), ms("teacher_cfg"),
+                     ms("fm_step"), ms("cm_step"), f"{pa['jvp_in_forwards']:.1f}", f"{pa['cm_step_over_fm_step']:.2f}",
+                     f"{tf32['seconds'] * 1e3:.0f} ({tf32['relative_difference']:.0e})" if tf32 else "—",
+                     " / ".join(", ".join(pa["attention"][k]) for k in ("forward", "jvp", "with_grad"))])
+    return table(["model", "config", "file", "F ms", "J ms", "W ms", "T ms", "FM step ms", "L_cm step ms", "J ÷ F",
+                  "L_cm ÷ FM step", "J with TF32 ms (tangent rel. change)", "attention: F / J / W"], rows)
+
+
+GENERATED = {"gpu_check": gpu_check, "gpu_passes": gpu_passes, "xl_cpu": xl_cpu, "paper_path": paper_path, "headline": headline, "step_cost": step_cost, "step_parts": step_parts, "sampling": sampling,
              "memory_totals": memory_totals, "first_hop": first_hop, "install": install, "mutations": mutations}
 
 
