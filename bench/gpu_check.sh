@@ -13,7 +13,9 @@
 # ran (flash / memory-efficient / cuDNN / math, or decm's matmul + softmax JVP rule), and in fp32 the JVP
 # tangent against a float64 central difference. With ≥ 2 GPUs also the same step under DDP and under FSDP
 # (teacher sharded) over NCCL on every visible GPU. Writes bench/results/gpu-xl-<n>gpu-<device>.json and
-# prints one table of everything it wrote. Exits non-zero when a configuration fails (the JSON says which).
+# prints one table of everything it wrote. Exits 1 when a configuration fails or is stopped at the deadline
+# (the JSON says which); a configuration refused because it does not fit the GPU, or not started because
+# the deadline had passed, is recorded in the JSON with that status and does not change the exit status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -30,13 +32,17 @@ NAME=$("$PY" -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cud
 mkdir -p bench/results
 OUTS=("bench/results/gpu-xl-1gpu-$NAME.json")
 STATUS=0
+rm -f "${OUTS[0]}"  # a run that dies early must not print an older file's numbers
 "$PY" bench/xl_cpu.py --device cuda --models lightningdit-xl1 sit-xl2 --configs single:bf16 single:fp32 \
     --batch 32 --steps 4 --passes --deadline-minutes "$MINUTES" --out "${OUTS[0]}" || STATUS=1
 if [ "$NGPU" -ge 2 ]; then
     OUTS+=("bench/results/gpu-xl-${NGPU}gpu-$NAME.json")
+    rm -f "${OUTS[1]}"
     "$PY" bench/xl_cpu.py --device cuda --models lightningdit-xl1 --configs "ddp$NGPU:bf16" "fsdp$NGPU:bf16" \
         --batch 32 --steps 4 --deadline-minutes "$MINUTES" --out "${OUTS[1]}" || STATUS=1
 fi
+WROTE=()
+for f in "${OUTS[@]}"; do if [ -f "$f" ]; then WROTE+=("$f"); fi; done
 echo
-"$PY" bench/xl_cpu.py --table "${OUTS[@]}"
+if [ "${#WROTE[@]}" -gt 0 ]; then "$PY" bench/xl_cpu.py --table "${WROTE[@]}"; else echo "bench/gpu_check.sh: no result file was written" >&2; fi
 exit $STATUS

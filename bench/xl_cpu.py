@@ -178,7 +178,8 @@ def jvp_check(student, teacher, data: dict, batch: int, device) -> dict:
         return {"max_abs_error": float(diff.abs().max()), "relative_error": float(diff.norm() / fd.double().norm()),
                 "tangent_norm": float(tan.norm()), "finite": bool(torch.isfinite(tan).all())}
 
-    out = {**errors(tangent), "fd_eps": 1e-4, "jvp_plus_teacher_seconds": jvp_seconds}
+    out = {**errors(tangent), "fd_eps": 1e-4, "jvp_plus_teacher_seconds": jvp_seconds,
+           "seconds": time.perf_counter() - t0}
     if torch.device(device).type == "cuda":
         flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         out["tf32"] = {"cudnn": flags[0], "matmul": flags[1]}
@@ -188,7 +189,6 @@ def jvp_check(student, teacher, data: dict, batch: int, device) -> dict:
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
         out["without_tf32"] = errors(exact)
-    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -273,8 +273,11 @@ def measure_passes(student, teacher, opt, params, data: dict, batch: int, device
     out["jvp_in_forwards"] = sec["jvp"] / sec["forward"]
     out["cm_step_over_fm_step"] = sec["cm_step"] / sec["fm_step"]
     if device.type == "cuda":  # a lead, not an option of decm: the same JVP with TF32 matrix products
-        out["jvp_tf32"] = jvp_with_tf32(jvp, student, x, t, ones, y, v, device, repeats)
-        out["jvp_tf32"]["in_forwards"] = out["jvp_tf32"]["seconds"] / sec["forward"]
+        try:
+            out["jvp_tf32"] = jvp_with_tf32(jvp, student, x, t, ones, y, v, device, repeats)
+            out["jvp_tf32"]["in_forwards"] = out["jvp_tf32"]["seconds"] / sec["forward"]
+        except Exception as e:  # noqa: BLE001 — recorded; the passes measured above stay
+            out["jvp_tf32"] = {"error": f"{type(e).__name__}: {e}"}
     return out
 
 
@@ -391,12 +394,13 @@ def worker(rank, world, port, model, mode, precision, batch, steps, first_step, 
                                 "finite": all(math.isfinite(v) for v in losses.values()) and math.isfinite(float(grad_norm))})
         write(f"step{step}")
     windows.close()
+    record["windows"] = windows.result()  # written before the passes, so a failure there keeps the steps
+    record["unrecorded_frees"] = windows.unrecorded_frees
+    record["rss_reset_worked"] = windows.rss_reset_works()
+    write("steps_done")
     if passes and world == 1:
         record["passes"] = measure_passes(student, teacher, opt, params, data, batch, info.device, precision)
         write("passes")
-    record["windows"] = windows.result()
-    record["unrecorded_frees"] = windows.unrecorded_frees
-    record["rss_reset_worked"] = windows.rss_reset_works()
     distributed.shutdown()
     write("done")
 
@@ -450,10 +454,13 @@ def run_config(model, config, args, tmp) -> dict:
         available = row["available_bytes_at_launch"] - 2 ** 30
         if need > min(row["limit_bytes"], available):
             row["status"] = "refused"
-            row["reason"] = (f"predicted {need / 2 ** 30:.2f} GiB for {world} process(es): over --max-gib {args.max_gib:g} by "
-                             f"{(need - row['limit_bytes']) / 2 ** 30:.2f} GiB, over the memory available now "
-                             f"({row['available_bytes_at_launch'] / 2 ** 30:.2f} GiB − 1 GiB) by "
-                             f"{(need - available) / 2 ** 30:.2f} GiB")
+            over = []  # only the limits the prediction actually exceeds
+            if need > row["limit_bytes"]:
+                over.append(f"over --max-gib {args.max_gib:g} by {(need - row['limit_bytes']) / 2 ** 30:.2f} GiB")
+            if need > available:
+                over.append(f"over the memory available now ({row['available_bytes_at_launch'] / 2 ** 30:.2f} GiB "
+                            f"− 1 GiB) by {(need - available) / 2 ** 30:.2f} GiB")
+            row["reason"] = f"predicted {need / 2 ** 30:.2f} GiB for {world} process(es): " + ", ".join(over)
             return row
     out = os.path.join(tmp, f"{model}-{config.replace(':', '-')}")
     t0 = time.time()
@@ -543,7 +550,8 @@ def table(rows: list[dict]) -> str:
                      f"{r['status'].split(':')[0]} | {r['images_per_second']:.2f} |" if "images_per_second" in r else
                      f"| {r['model']} | {r['config']} | {r.get('device', 'cpu')} | {r.get('batch_per_rank', '—')} | "
                      f"{r['status'].split(':')[0]} | — |")
-        step = f"{sum(r['step_seconds']) / len(r['step_seconds']):.3g}" if "step_seconds" in r else "—"
+        timed = r.get("step_seconds", [])[1:] or r.get("step_seconds", [])  # as img/s: the first step warms up
+        step = f"{sum(timed) / len(timed):.3g}" if timed else "—"
         lines[-1] += (f" {step} | {peak} | " + (f"{pa['cm_step_over_fm_step']:.2f} | {pa['jvp_in_forwards']:.2f} | "
                                                 if pa else "— | — | ") + f"{att} |")
     return "\n".join(lines)
@@ -642,7 +650,7 @@ def _write(args, rows, t0) -> None:
                                "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                                "shared": "timings measured under load from other jobs; see load_average_after"},
                    "cfg": {"scale": CFG_SCALE, "clip_norm": CFG_CLIP}, "process_bytes_assumed": PROCESS_BYTES,
-                   "fsdp_grads_assumed": args.fsdp_grads, "commit": _commit(),
+                   "fsdp_grads_assumed": args.fsdp_grads, "commit": _commit(), "tracked_changes": _tracked_changes(),
                    "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}},
                   f, indent=1)
     os.replace(tmp, args.out)
@@ -656,6 +664,18 @@ def _commit() -> str | None:
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _tracked_changes() -> list[str] | None:
+    """Tracked files that differ from the recorded commit (the run's code is the commit plus these)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           timeout=10, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line[3:] for line in r.stdout.splitlines()] if r.returncode == 0 else None
 
 
 if __name__ == "__main__":

@@ -267,7 +267,7 @@ def xl_cpu(root: str = ROOT) -> list[str]:
 def _gpu_rows(root: str):
     """(file name, row) of every configuration in bench/results/gpu-*.json (bench/gpu_check.sh on CUDA)."""
     for path in sorted(glob.glob(os.path.join(root, "bench", "results", "gpu-*.json"))):
-        for r in load(os.path.relpath(path, root), root)["rows"]:
+        for r in load(os.path.relpath(path, root), root).get("rows", []):
             yield os.path.basename(path), r
 
 
@@ -304,8 +304,9 @@ def gpu_passes(root: str = ROOT) -> list[str]:
         tf32 = pa.get("jvp_tf32")
         rows.append([r["model"], r["config"], name, ms("forward"), ms("jvp"), ms("with_grad"), ms("teacher_cfg"),
                      ms("fm_step"), ms("cm_step"), f"{pa['jvp_in_forwards']:.1f}", f"{pa['cm_step_over_fm_step']:.2f}",
-                     f"{tf32['seconds'] * 1e3:.0f} ({tf32['relative_difference']:.0e})" if tf32 else "—",
-                     " / ".join(", ".join(pa["attention"][k]) for k in ("forward", "jvp", "with_grad"))])
+                     f"{tf32['seconds'] * 1e3:.0f} ({tf32['relative_difference']:.0e})"
+                     if tf32 and tf32.get("relative_difference") is not None else "—",
+                     " / ".join(", ".join(pa["attention"][k]) or "—" for k in ("forward", "jvp", "with_grad"))])
     return table(["model", "config", "file", "F ms", "J ms", "W ms", "T ms", "FM step ms", "L_cm step ms", "J ÷ F",
                   "L_cm ÷ FM step", "J with TF32 ms (tangent rel. change)", "attention: F / J / W"], rows)
 

@@ -224,13 +224,15 @@ def test_xl_cpu_reduced_trains_finite_with_an_exact_jvp_and_the_predicted_peak(t
 
 def test_xl_cpu_refuses_a_configuration_predicted_above_the_memory_limit(tmp_path):
     """A configuration whose predicted memory (per-rank peak + each process's own, times the ranks) exceeds
-    --max-gib is not started; the file says by how much."""
+    --max-gib is not started; the file says which limit it exceeds and by how much."""
     out = tmp_path / "xl.json"
     r = _run_bench(["bench/xl_cpu.py", "--reduced", "--models", "sit-xl2", "--configs", "fsdp2:fp32", "--max-gib", "0.5",
                     "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["status"] == "refused" and "over --max-gib 0.5 by" in row["reason"], row
+    if row["predicted_machine_bytes"] <= row["available_bytes_at_launch"] - 2 ** 30:
+        assert "available" not in row["reason"], row  # names only the limits the prediction exceeds
     assert row["predicted_machine_bytes"] == 2 * (row["predicted"]["peak"] + load_bench("xl_cpu").PROCESS_BYTES)
     assert "ranks" not in row  # nothing was started
 
