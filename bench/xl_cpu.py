@@ -21,7 +21,7 @@ Each configuration runs in fresh processes (world 1 or 2, gloo, threads = 2 / wo
      prediction of decm/memory.py, the step time, every loss and whether it is finite.
 
 Before launching a configuration the driver checks its predicted memory (per-rank peak + the
-process's own memory, times the world size) against `--max-gib` and the memory available now (with
+process's own memory, times the world size) against `--max-gib` and the memory available now less `--reserve-gib` (with
 a deadline it waits for other jobs to free memory, up to one minute before the deadline); a
 configuration that does not fit is not started and the JSON says by how much. A configuration still
 running at the deadline is stopped (its finished phases stay recorded). Step times on a shared machine
@@ -369,7 +369,7 @@ def worker(rank, world, port, model, mode, precision, batch, steps, first_step, 
             p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = parallel.autocast(device_type, precision, mode)  # the loop's own (FSDP: no weight cache)
     record["steps"] = []
     for step in range(first_step, first_step + steps):
         g = step_generator(SEED, rank, step)
@@ -446,12 +446,14 @@ def run_config(model, config, args, tmp) -> dict:
         row.update(predicted_machine_bytes=need, limit_bytes=args.max_gib * 2 ** 30,
                    available_bytes_at_launch=available_bytes())
         waited = time.time()
-        while need <= row["limit_bytes"] and need > row["available_bytes_at_launch"] - 2 ** 30 and args.deadline \
+        reserve = args.reserve_gib * 2 ** 30
+        row["reserve_bytes"] = reserve
+        while need <= row["limit_bytes"] and need > row["available_bytes_at_launch"] - reserve and args.deadline \
                 and time.time() + 60 < args.deadline:  # other jobs hold memory now: wait for it, up to the deadline
             time.sleep(15)
             row["available_bytes_at_launch"] = available_bytes()
         row["waited_for_memory_seconds"] = time.time() - waited
-        available = row["available_bytes_at_launch"] - 2 ** 30
+        available = row["available_bytes_at_launch"] - reserve
         if need > min(row["limit_bytes"], available):
             row["status"] = "refused"
             over = []  # only the limits the prediction actually exceeds
@@ -459,7 +461,7 @@ def run_config(model, config, args, tmp) -> dict:
                 over.append(f"over --max-gib {args.max_gib:g} by {(need - row['limit_bytes']) / 2 ** 30:.2f} GiB")
             if need > available:
                 over.append(f"over the memory available now ({row['available_bytes_at_launch'] / 2 ** 30:.2f} GiB "
-                            f"− 1 GiB) by {(need - available) / 2 ** 30:.2f} GiB")
+                            f"− {args.reserve_gib:g} GiB kept free) by {(need - available) / 2 ** 30:.2f} GiB")
             row["reason"] = f"predicted {need / 2 ** 30:.2f} GiB for {world} process(es): " + ", ".join(over)
             return row
     out = os.path.join(tmp, f"{model}-{config.replace(':', '-')}")
@@ -583,6 +585,9 @@ def main(argv=None) -> int:
                         "reduce-scatter per term, today's loop) or 'unsharded' (the reduction deferred to the last "
                         "term: full-size gradients, as the loop did before)")
     p.add_argument("--max-gib", type=float, default=20.0, help="refuse a configuration predicted above this (GiB)")
+    p.add_argument("--reserve-gib", type=float, default=1.0,
+                   help="CPU: memory to keep free beyond the prediction; a configuration waits (up to the deadline) "
+                        "or is refused when the memory available now minus this is less than predicted")
     p.add_argument("--deadline-minutes", type=float, default=0.0, help="stop whatever runs after this long (0: never)")
     p.add_argument("--reduced", action="store_true", help="width 64, depth 2, 4 heads (the test suite's version)")
     p.add_argument("--depth", type=int, default=None,
@@ -596,8 +601,9 @@ def main(argv=None) -> int:
                 rows += json.load(f)["rows"]
         print(table(rows))
         return 0
-    if args.batch < 1 or args.steps < 1 or args.first_step < 0 or args.max_gib <= 0:
-        print("bench/xl_cpu.py: error: --batch and --steps must be ≥ 1, --first-step ≥ 0 and --max-gib > 0",
+    if args.batch < 1 or args.steps < 1 or args.first_step < 0 or args.max_gib <= 0 or args.reserve_gib < 0:
+        print("bench/xl_cpu.py: error: --batch and --steps must be ≥ 1, --first-step ≥ 0, --max-gib > 0 and "
+              "--reserve-gib ≥ 0",
               file=sys.stderr)
         return 2
     if args.depth is not None and (args.depth < 1 or args.reduced):

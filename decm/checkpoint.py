@@ -96,8 +96,10 @@ def step_of(path: str) -> int:
     return int(_NAME.search(path).group(1))
 
 
-def latest_valid(directory: str, verbose: bool = True, collective: bool = False) -> tuple[str | None, dict | None]:
-    """(path, state) of the newest valid checkpoint, skipping (and reporting, never deleting) bad ones.
+def latest_valid(directory: str, verbose: bool = True, collective: bool = False,
+                 step: int | None = None) -> tuple[str | None, dict | None]:
+    """(path, state) of the newest valid checkpoint, skipping (and reporting, never deleting) bad ones;
+    with `step`, the valid checkpoint of that step (a single file, a sharded folder or its `.prev`).
 
     `collective=True` (every rank of a process group calls it, e.g. a DDP run loading its teacher): rank 0
     alone chooses and reads the checkpoint and the other ranks receive (path, state) by broadcast
@@ -110,9 +112,11 @@ def latest_valid(directory: str, verbose: bool = True, collective: bool = False)
     if collective:
         from decm.one_reader import read_once
 
-        return read_once(lambda: latest_valid(directory, verbose))
+        return read_once(lambda: latest_valid(directory, verbose, step=step))
     found = [(step_of(p), 0, p) for p in candidates(directory)] + [
         (sharded_checkpoint.step_of(p), 1, p) for p in sharded_checkpoint.candidates(directory)]
+    if step is not None:
+        found = [e for e in found if e[0] == step]
     for _, sharded, path in sorted(found, key=lambda e: (-e[0], e[1])):
         if sharded:
             if not sharded_checkpoint.is_valid(path):

@@ -28,9 +28,10 @@ def main(argv=None) -> int:
         args.run_dir, "checkpoints")
     path = None
     if args.step is not None:
-        path = sharded_checkpoint.path_for(ckpt_dir, args.step)
-        if not sharded_checkpoint.is_valid(path):
-            print(f"decm.export: error: no valid sharded checkpoint {path}", file=sys.stderr)
+        path = sharded_checkpoint.valid_at(ckpt_dir, args.step)  # the step's folder or its valid .prev
+        if path is None:
+            print(f"decm.export: error: no valid sharded checkpoint "
+                  f"{sharded_checkpoint.path_for(ckpt_dir, args.step)}", file=sys.stderr)
             return 2
     try:
         out = train_state.export(ckpt_dir, path)

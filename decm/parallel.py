@@ -18,7 +18,9 @@ all — full size — from the first term's backward to the last; bench/fsdp_gra
 both), and a step skipped after some terms leaves nothing behind that `zero_grad` does not clear.
 
 Precision: with `train.precision = 'bf16'` the compute runs under the loop's autocast as under DDP
-and gradients are reduced in fp32 (`MixedPrecisionPolicy(reduce_dtype=fp32)`). Parameters are
+(`autocast` below: under FSDP without autocast's weight cache, which would route the later terms'
+gradients around FSDP's reduce-scatter) and gradients are reduced in fp32
+(`MixedPrecisionPolicy(reduce_dtype=fp32)`). Parameters are
 all-gathered in fp32 by default (`gather_dtype='fp32'`). `gather_dtype='bf16'` gathers the blocks'
 parameters in bf16 (half that traffic; the blocks then compute with bf16 weights and inputs, the
 JVP's included); the root — embedders, final layer — is always gathered in fp32 and FSDP never casts
@@ -114,14 +116,41 @@ def mixed_precision(precision: str, gather_dtype: str):
     """The FSDP2 MixedPrecisionPolicy of the blocks and of the root: (blocks, root).
 
     fp32 reduction always; with precision 'bf16' and gather_dtype 'bf16' the blocks gather (and take
-    their inputs) in bf16. The root never gathers in bf16 nor casts its inputs, so the times t, s and
+    their inputs) in bf16 and return fp32. The root never gathers in bf16 nor casts its inputs, so the times t, s and
     their JVP tangents reach the time embedders in fp32 (on CPU as on CUDA)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if precision != "bf16":
         return MixedPrecisionPolicy(), MixedPrecisionPolicy()
     root = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
-    return MixedPrecisionPolicy(param_dtype=GATHER_DTYPES[gather_dtype], reduce_dtype=torch.float32), root
+    gathered = GATHER_DTYPES[gather_dtype]
+    # bf16 gathers: the blocks hand fp32 back (output_dtype), so the root's fp32 layers after the last
+    # block take their input in their own dtype whatever the backbone does (the JVP runs outside autocast)
+    return MixedPrecisionPolicy(param_dtype=gathered, reduce_dtype=torch.float32,
+                                output_dtype=torch.float32 if gathered is not None else None), root
+
+
+def autocast(device_type: str, precision: str, mode: str):
+    """The training step's autocast context: bf16 under precision 'bf16', off under 'fp32'.
+
+    Under FSDP autocast's weight cache is turned off. Autocast caches the bf16 cast of every leaf
+    parameter that requires grad until the outermost autocast region exits; FSDP2's gathered
+    (unsharded) parameters are such leaves, gathered again for every forward. With a cache, the second
+    and later terms of a step reuse the cast made in the first term's forward, so their backward
+    accumulates gradients into the unsharded parameters outside FSDP's post-backward hook: those
+    gradients are not reduce-scattered in that term, the last term's are left on every rank as full-size
+    fp32 tensors and leak into the next step (measured: FSDP's losses leave DDP's from the third step
+    on, and a full fp32 copy of the blocks' gradients stays allocated after the step). Without the
+    cache each forward casts its weights afresh inside the module's forward; the one-process and DDP
+    paths keep the cache (their parameters never change identity within a step).
+
+    Args:
+      device_type: 'cpu' or 'cuda'.
+      precision: 'fp32' (autocast disabled) or 'bf16'.
+      mode: the resolved parallel mode ('none', 'ddp' or 'fsdp').
+    """
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16",
+                          cache_enabled=mode != "fsdp")
 
 
 def shard(module: nn.Module, world_size: int, device: torch.device, precision: str = "fp32",

@@ -113,8 +113,24 @@ def save(directory: str, step: int, state: dict, main: bool, keep_last: int = 0)
         if keep_last > 0:
             for old in [p for p in candidates(directory) if is_valid(p)][keep_last:]:
                 _remove(old)
+        _clear_leftovers(directory, step)
     _barrier()
     return path
+
+
+def _clear_leftovers(directory: str, step: int) -> None:
+    """Removes what a crashed save of an older step left that is never a checkpoint: its partial
+    `ckpt-<s>.dcp.tmp` folder and sentinel files whose folder is gone. Folders without a valid sentinel
+    are left in place (reported on resume, never deleted: they may be what someone wants to inspect)."""
+    for leftover in glob.glob(os.path.join(directory, "ckpt-*.dcp.tmp")):
+        match = _NAME.search(leftover[:-len(".tmp")])
+        if match and int(match.group(1)) < step and os.path.isdir(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for sentinel in glob.glob(os.path.join(directory, "ckpt-*.dcp*.ok")):
+        folder = sentinel[:-len(".ok")]
+        match = _NAME.search(folder)
+        if match and int(match.group(1)) < step and not os.path.isdir(folder):
+            os.remove(sentinel)
 
 
 def candidates(directory: str) -> list[str]:
@@ -147,9 +163,18 @@ def metadata(path: str):
     return FileSystemReader(path).read_metadata()
 
 
-def latest_valid(directory: str, verbose: bool = True) -> str | None:
-    """The newest valid sharded checkpoint folder (invalid ones are reported, never deleted)."""
+def valid_at(directory: str, step: int) -> str | None:
+    """The valid sharded checkpoint of `step`: its folder, or the `.prev` kept while the step was being
+    rewritten; None when neither is valid."""
+    path = path_for(directory, step)
+    return next((p for p in (path, path + PREV) if is_valid(p)), None)
+
+
+def latest_valid(directory: str, verbose: bool = True, skip=()) -> str | None:
+    """The newest valid sharded checkpoint folder not in `skip` (invalid ones are reported, never deleted)."""
     for path in candidates(directory):
+        if path in skip:
+            continue
         if is_valid(path):
             return path
         if verbose:

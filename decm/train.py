@@ -186,7 +186,7 @@ def train(
     from decm.progress import Progress
 
     bar = Progress(steps, start, stage, progress and info.main, log_every_steps)  # plain lines when not a TTY
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = data_parallel.autocast(device.type, precision, mode)  # FSDP: no weight cache (see there)
     bad_in_a_row, last_ckpt_time, last_stats, new_steps, done = 0, time.time(), {}, 0, start
     t0 = time.time()
     preemption.listen()  # Ctrl-C from here on: checkpoint at the step boundary, then Interrupted (exit 130)

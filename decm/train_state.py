@@ -97,9 +97,17 @@ def save(ckpt_dir: str, step: int, mode: str, model, ema, objective, opt, totals
     barrier(info)
 
 
-def newest_file(ckpt_dir: str, verbose: bool = True) -> str | None:
-    """The newest valid single-file checkpoint; each newer one that is skipped is reported with the reason."""
+class UnrecoverableResumeError(ValueError):
+    """The newest valid checkpoint could not be read after it had partly overwritten the modules, and no
+    older valid checkpoint exists to restore them from."""
+
+
+def newest_file(ckpt_dir: str, verbose: bool = True, skip=()) -> str | None:
+    """The newest valid single-file checkpoint not in `skip`; each newer one that is skipped for being
+    invalid is reported with the reason."""
     for path in checkpoint.candidates(ckpt_dir):
+        if path in skip:
+            continue
         reason = checkpoint.why_invalid(path)
         if reason is None:
             return path
@@ -108,11 +116,12 @@ def newest_file(ckpt_dir: str, verbose: bool = True) -> str | None:
     return None
 
 
-def newest(ckpt_dir: str, mode: str, verbose: bool = True) -> tuple[str | None, str | None]:
-    """(path, 'dcp' or 'pt') of the newest valid checkpoint of either kind; at equal steps this mode's kind.
-    With `verbose`, every newer checkpoint that is skipped is reported on stderr with the reason."""
-    dcp = sharded_checkpoint.latest_valid(ckpt_dir, verbose=verbose)
-    pt = newest_file(ckpt_dir, verbose)
+def newest(ckpt_dir: str, mode: str, verbose: bool = True, skip=()) -> tuple[str | None, str | None]:
+    """(path, 'dcp' or 'pt') of the newest valid checkpoint of either kind, leaving out the paths in
+    `skip`; at equal steps this mode's kind. With `verbose`, every newer checkpoint that is skipped for
+    being invalid is reported on stderr with the reason."""
+    dcp = sharded_checkpoint.latest_valid(ckpt_dir, verbose=verbose, skip=skip)
+    pt = newest_file(ckpt_dir, verbose, skip)
     if dcp is None or pt is None:
         return (dcp, "dcp") if dcp else ((pt, "pt") if pt else (None, None))
     ds, ps = sharded_checkpoint.step_of(dcp), checkpoint.step_of(pt)
@@ -126,21 +135,81 @@ def _has_phema(path: str) -> bool:
     return any(k.startswith("phema.") for k in sharded_checkpoint.metadata(path).state_dict_metadata)
 
 
+def _read_full(path: str, kind: str) -> dict:
+    """The whole checkpoint in memory; a read failure is an UnreadableCheckpointError."""
+    if kind == "dcp":
+        return sharded_checkpoint.load_full(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise sharded_checkpoint.UnreadableCheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
 def load(ckpt_dir: str, mode: str, model, ema, objective, opt, info: DistInfo, stage: str = "",
          phema=None) -> tuple[int, dict | None]:
-    """Restores the newest valid checkpoint into the modules (and the post-hoc EMA profiles `phema`, which
-    must be in it when given); returns (step, totals) or (0, None)."""
-    path, kind = newest(ckpt_dir, mode, verbose=info.main)
-    if path is None:
-        return 0, None
+    """Restores the newest readable valid checkpoint into the modules (and the post-hoc EMA profiles
+    `phema`, which must be in it when given); returns (step, totals) or (0, None). Collective.
+
+    Rank 0 alone chooses the checkpoint and every rank receives its choice (decm.one_reader), so ranks
+    whose view of the folder differs (a failed read, a file system's cache) still resume from the same
+    step. A chosen checkpoint that passes validation but cannot be read (e.g. damaged shard bytes) is
+    reported and skipped on every rank alike, and the next older one is tried; nothing is deleted. When
+    a sharded checkpoint failed after it had partly overwritten the modules and no older one exists,
+    UnrecoverableResumeError is raised rather than training on from step 0 with mixed weights."""
+    unreadable: list[str] = []
+    partly_loaded = None
+    while True:
+        path, kind = read_once(lambda: newest(ckpt_dir, mode, verbose=True, skip=unreadable))  # rank 0 chooses
+        if path is None:
+            if partly_loaded is not None:
+                raise UnrecoverableResumeError(
+                    f"checkpoint {partly_loaded} could not be read after it had partly overwritten the model, "
+                    f"and {ckpt_dir} holds no older valid checkpoint: move it aside and rerun to start over")
+            return 0, None
+        try:
+            return _restore(path, kind, mode, model, ema, objective, opt, info, stage, phema)
+        except _ReadFailed as e:
+            if info.main:
+                print(f"[decm] skipping checkpoint {path}: {e} (nothing deleted)", file=sys.stderr, flush=True)
+            unreadable.append(path)
+            if e.partly_loaded:
+                partly_loaded = path
+
+
+class _ReadFailed(Exception):
+    """Every rank learnt that reading the chosen checkpoint failed (`partly_loaded`: after DCP had written
+    into the modules in place)."""
+
+    def __init__(self, message: str, partly_loaded: bool):
+        super().__init__(message)
+        self.partly_loaded = partly_loaded
+
+
+def _restore(path, kind, mode, model, ema, objective, opt, info: DistInfo, stage: str, phema):
+    """Loads the chosen checkpoint into the modules; raises _ReadFailed on every rank alike when reading it
+    fails on any rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from decm.distributed import any_true
+
     names = param_names(model, objective)
     if mode == "fsdp" and kind == "dcp":
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        if phema is not None and not _has_phema(path):
-            phema.check_state(None, f"checkpoint {path}")
         state = sharded_state(0, model, ema, objective, opt, {"nan_masked_samples": 0, "skipped_steps": 0}, phema)
-        sharded_checkpoint.load_into(path, state)
+        error, has_phema = None, True  # another model's checkpoint (CheckpointMismatchError) is an error, not skipped
+        try:
+            if phema is not None:
+                has_phema = _has_phema(path)  # DCP cannot load a section the checkpoint lacks
+            if has_phema:
+                sharded_checkpoint.load_into(path, state)
+        except (CheckpointException, sharded_checkpoint.UnreadableCheckpointError, OSError) as e:  # DCP's is a BaseException
+            error = e
+        if any_true(error is not None, info):  # every rank agrees before the next collective
+            raise _ReadFailed(_first_line(error) if error is not None else "unreadable on another rank",
+                              partly_loaded=True)
+        if not has_phema:
+            phema.check_state(None, f"checkpoint {path}")  # the run tracks post-hoc EMA, the checkpoint has none
         if phema is not None:
             phema.check_state(state["phema"], f"checkpoint {path}")
             phema.load(state["phema"], sharded=True)
@@ -150,8 +219,10 @@ def load(ckpt_dir: str, mode: str, model, ema, objective, opt, info: DistInfo, s
         set_optimizer_state_dict(_holder(model, objective), opt, state["optimizer"])
     else:
         # one reader: rank 0 reads, the other ranks receive the state by broadcast (decm.one_reader)
-        state = read_once(lambda: sharded_checkpoint.load_full(path) if kind == "dcp"
-                          else torch.load(path, map_location="cpu", weights_only=True))
+        try:  # read_once raises the reader's error on every rank alike
+            state = read_once(lambda: _read_full(path, kind))
+        except sharded_checkpoint.UnreadableCheckpointError as e:
+            raise _ReadFailed(_first_line(e), partly_loaded=False) from None
         opt_state = state["optimizer"]
         if phema is not None:
             phema.check_state(state.get("phema"), f"checkpoint {path}")
@@ -174,6 +245,11 @@ def load(ckpt_dir: str, mode: str, model, ema, objective, opt, info: DistInfo, s
     if info.main:
         print(f"[decm] resuming {stage + ' ' if stage else ''}from {path} at step {int(state['step'])}", file=sys.stderr)
     return int(state["step"]), dict(state["totals"])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else 'read failed'}"
 
 
 def export(ckpt_dir: str, path: str | None = None) -> str:

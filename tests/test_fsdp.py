@@ -10,6 +10,7 @@ deadline: a hang fails the test instead of blocking the suite.
 """
 
 import json
+import math
 import os
 import socket
 import time
@@ -23,6 +24,7 @@ from decm import checkpoint, sharded_checkpoint, train_state
 
 STEPS = 5
 DEADLINE_S = 300  # per multi-process run; a step of these tiny models takes well under a second
+BF16_GATHER_RTOL = 0.05  # bf16 weights in the blocks against fp32 ones: losses move by ~1e-2 relative
 
 SIT = ["train.dataset = @datasets.digits()", "datasets.digits.conditional = True", "train.backbone = @backbones.sit",
        "backbones.sit.preset = 'tiny'", "backbones.sit.time_scale = 1.0", "guidance.cfg.scale = 1.5",
@@ -89,7 +91,8 @@ def inject_nonfinite_targets(rank: int, at: dict) -> None:
 
 
 def forbid_reads_off_rank0(rank: int) -> None:
-    """Any checkpoint read on a rank other than 0 fails the run (one reader per checkpoint)."""
+    """Any checkpoint read or validity check on a rank other than 0 fails the run (rank 0 alone chooses
+    and reads each checkpoint)."""
     if rank == 0:
         return
 
@@ -104,6 +107,8 @@ def forbid_reads_off_rank0(rank: int) -> None:
         return real_load(f, *a, **k)
 
     sharded_checkpoint.load_full = refuse
+    sharded_checkpoint.is_valid = refuse
+    checkpoint.why_invalid = refuse
     torch.load = load
 
 
@@ -256,6 +261,62 @@ def test_a_ddp_run_resumes_from_a_sharded_checkpoint_read_by_rank_0_alone(tmp_pa
     b, kind_b = final_state(tmp_path / "ddp")
     assert (kind_a, kind_b, a["step"], b["step"]) == ("dcp", "pt", STEPS, STEPS)
     assert_states_close(a, b)
+
+
+def test_a_ddp_run_resumes_from_its_own_checkpoint_chosen_by_rank_0_alone(tmp_path, teachers):
+    """Resuming DDP from its own single file: rank 0 alone validates, chooses and reads the checkpoint
+    (any validity check or read on rank 1 fails the run), so a rank whose view of the folder differs
+    cannot start from another step and hang; the continuation equals an uninterrupted run."""
+    launch(tmp_path / "whole", teachers["mlp"], 2, "mlp", "ddp")
+    launch(tmp_path / "cut", teachers["mlp"], 2, "mlp", "ddp", stop_after_steps=3)
+    launch(tmp_path / "cut", teachers["mlp"], 2, "mlp", "ddp", one_reader=True)
+    a, kind_a = final_state(tmp_path / "whole")
+    b, kind_b = final_state(tmp_path / "cut")
+    assert (kind_a, kind_b, a["step"], b["step"]) == ("pt", "pt", STEPS, STEPS)
+    assert_states_close(b, a, atol=0)
+
+
+def zero_shards(folder) -> None:
+    """Overwrites every shard file of a sharded checkpoint with zeros of the same size: the sentinel's
+    file count and bytes still match, so the folder passes validation but cannot be read."""
+    shards = list(folder.glob("*.distcp"))
+    assert shards
+    for f in shards:
+        f.write_bytes(b"\0" * f.stat().st_size)
+
+
+@pytest.mark.parametrize("resume_as", ["fsdp", "ddp"])
+def test_a_valid_looking_but_unreadable_checkpoint_is_skipped_on_resume(tmp_path, teachers, resume_as):
+    """The newest sharded checkpoint has zeroed shard bytes (it passes validation): the resume reports
+    it, leaves it on disk, and continues from the next older one on every rank alike — ending where an
+    uninterrupted run ends."""
+    extra = ["distill/train.ckpt_every_steps = 1"]
+    launch(tmp_path / "whole", teachers["mlp"], 2, "mlp", "fsdp", extra=extra)
+    launch(tmp_path / "cut", teachers["mlp"], 2, "mlp", "fsdp", stop_after_steps=3, extra=extra)
+    ckpts = tmp_path / "cut" / "checkpoints"
+    bad = ckpts / "ckpt-00000003.dcp"
+    zero_shards(bad)
+    assert sharded_checkpoint.is_valid(str(bad))
+    launch(tmp_path / "cut", teachers["mlp"], 2, "mlp", resume_as)
+    assert bad.exists() and all(set(f.read_bytes()) == {0} for f in bad.glob("*.distcp"))  # reported, not deleted
+    b, kind_b = final_state(tmp_path / "cut")
+    assert b["step"] == STEPS and kind_b == ("dcp" if resume_as == "fsdp" else "pt")
+    assert_states_close(b, final_state(tmp_path / "whole")[0])  # resumed from step 2, not from scratch
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "cut")[-2:]),
+                               torch.tensor(losses(tmp_path / "whole")[-2:]), rtol=0, atol=1e-6)
+
+
+def test_an_unreadable_only_checkpoint_stops_a_sharded_resume_with_one_error(tmp_path, teachers):
+    """The only checkpoint passes validation but cannot be read after DCP has started writing into the
+    model: the run stops with UnrecoverableResumeError (it does not train on from step 0 with mixed
+    weights) and the folder stays."""
+    launch(tmp_path / "cut", teachers["mlp"], 2, "mlp", "fsdp", stop_after_steps=3,
+           extra=["distill/train.keep_last = 1", "distill/train.ckpt_every_steps = 3"])
+    bad = tmp_path / "cut" / "checkpoints" / "ckpt-00000003.dcp"
+    zero_shards(bad)
+    with pytest.raises(Exception, match="UnrecoverableResumeError"):
+        launch(tmp_path / "cut", teachers["mlp"], 2, "mlp", "fsdp")
+    assert bad.exists() and sharded_checkpoint.is_valid(str(bad))
 
 
 def one_reader_worker(rank, world, port, ckpts, out):
@@ -514,8 +575,10 @@ def test_mixed_precision_policy_reduces_in_fp32_and_keeps_the_root_fp32():
     assert blocks.param_dtype is None and root.param_dtype is None  # fp32 runs: no policy at all
     blocks, root = parallel.mixed_precision("bf16", "fp32")
     assert blocks.param_dtype is None and blocks.reduce_dtype == torch.float32  # fp32 gathers: the JVP stays fp32
+    assert blocks.output_dtype is None
     blocks, root = parallel.mixed_precision("bf16", "bf16")
     assert blocks.param_dtype == torch.bfloat16 and blocks.reduce_dtype == torch.float32
+    assert blocks.output_dtype == torch.float32  # the root's fp32 layers get fp32 from the last block
     assert root.param_dtype is None and root.cast_forward_inputs is False
     with pytest.raises(parallel.ParallelConfigError, match="gather_dtype"):
         gin.parse_config("fsdp.gather_dtype = 'fp8'")
@@ -569,8 +632,36 @@ def test_part_gradient_diagnostics_under_fsdp_equal_ddp(tmp_path, teachers):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a[key], b[key])
 
 
-def grad_memory_worker(rank, world, port, out):
-    """One DE-CM step with backward per term on a sharded SiT: gradient bytes held after each term."""
+def test_fsdp_under_bf16_autocast_follows_ddp(tmp_path, teachers):
+    """train.precision = 'bf16' (fp32 gathers): FSDP's losses follow DDP's over 3 steps to bf16's
+    precision, and nothing but the gradient shards is left after the run. (With autocast's weight
+    cache on under FSDP, the later terms' gradients bypass the reduce-scatter: the third step's loss
+    differs by about 40%.)"""
+    extra = ["distill/train.precision = 'bf16'"]
+    launch(tmp_path / "ddp", teachers["sit"], 2, "sit", "ddp", steps=3, extra=extra)
+    launch(tmp_path / "fsdp", teachers["sit"], 2, "sit", "fsdp", steps=3, extra=extra)
+    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert len(a) == len(b) == 3 and all(math.isfinite(v) for v in a + b)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "sit"])
+def test_bf16_gathers_train_every_backbone_close_to_fp32_gathers(tmp_path, teachers, backbone):
+    """fsdp.gather_dtype = 'bf16' under train.precision = 'bf16' trains any backbone (the blocks hand fp32
+    back to the root's fp32 layers, in the JVP too, which runs outside autocast): finite losses within
+    a few percent of the fp32-gather run's (the same steps, only the blocks' weights rounded to bf16)."""
+    extra = ["distill/train.precision = 'bf16'"]
+    launch(tmp_path / "fp32", teachers[backbone], 2, backbone, "fsdp", steps=2, extra=extra)
+    launch(tmp_path / "bf16", teachers[backbone], 2, backbone, "fsdp", steps=2,
+           extra=extra + ["fsdp.gather_dtype = 'bf16'"])
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert len(a) == len(b) == 2 and all(math.isfinite(v) for v in b)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=BF16_GATHER_RTOL, atol=0)
+
+
+def grad_memory_worker(rank, world, port, out, precision="fp32"):
+    """One DE-CM step with backward per term on a sharded SiT, under the loop's autocast for `precision`:
+    gradient bytes held after each term and after the step."""
     rank_env(rank, world, port)
     import copy
 
@@ -589,7 +680,7 @@ def grad_memory_worker(rank, world, port, out):
     student = sit("tiny", input_size=8, in_channels=1, num_classes=10, flow_map=True, time_scale=1.0)
     student.load_state_dict(teacher.state_dict(), strict=False)
     full = sum(p.numel() * p.element_size() for p in student.parameters())
-    wrapped = parallel.wrap(student, copy.deepcopy(student), None, "fsdp", world, info.device)
+    wrapped = parallel.wrap(student, copy.deepcopy(student), None, "fsdp", world, info.device, precision)
     held = []
     backward_term = Objective._backward_term
 
@@ -601,23 +692,27 @@ def grad_memory_worker(rank, world, port, out):
     Objective._backward_term = staticmethod(counted)
     g = torch.Generator().manual_seed(10 + rank)
     x1, y = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
-    decm_objective(guidance=CFG(scale=1.5, clip_norm=1.0))(
-        wrapped, NetworkTeacher(teacher), x1, y, 0, step_generator(0, rank, 0), backward=True,
-        agree=lambda bad: distributed.any_true(bad, info))
+    with parallel.autocast("cpu", precision, "fsdp"):
+        decm_objective(guidance=CFG(scale=1.5, clip_norm=1.0))(
+            wrapped, NetworkTeacher(teacher), x1, y, 0, step_generator(0, rank, 0), backward=True,
+            agree=lambda bad: distributed.any_true(bad, info))
+    held.append(parallel.held_grad_bytes(student))  # after the step, autocast's region closed
     with open(f"{out}-{rank}.json", "w") as f:
         json.dump({"held": held, "full": full}, f)
     distributed.shutdown()
 
 
-def test_fsdp_holds_a_shard_of_the_gradients_from_the_first_term_on(tmp_path):
-    """After each term's backward (cm, fm, n2n) every rank holds ≤ 1.1 × the full gradient bytes ÷ world:
-    no unsharded gradient is kept between the terms."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp_holds_a_shard_of_the_gradients_from_the_first_term_on(tmp_path, precision):
+    """After each term's backward (cm, fm, n2n) and after the step every rank holds ≤ 1.1 × the full
+    gradient bytes ÷ world: no unsharded gradient is kept between the terms, nor left behind, in fp32 and
+    under bf16 autocast (whose weight cache, if it were on under FSDP, leaves unsharded gradients)."""
     out = str(tmp_path / "held")
-    spawn(grad_memory_worker, (2, free_port(), out), 2)
+    spawn(grad_memory_worker, (2, free_port(), out, precision), 2)
     for rank in (0, 1):
         with open(f"{out}-{rank}.json") as f:
             res = json.load(f)
-        assert len(res["held"]) == 3 and res["held"][-1] > 0
+        assert len(res["held"]) == 4 and res["held"][-1] > 0
         assert max(res["held"]) <= 1.1 * res["full"] / 2, (res["held"], res["full"])
 
 
@@ -647,6 +742,56 @@ def test_rewriting_a_step_keeps_it_resumable_when_the_rename_fails(tmp_path, mon
     assert sorted(os.listdir(ckpts)) == ["ckpt-00000004.dcp", "ckpt-00000004.dcp.ok"]
     assert torch.equal(sharded_checkpoint.load_full(sharded_checkpoint.latest_valid(ckpts))["model"]["w"],
                        torch.ones(3, 2))
+
+
+def test_a_save_clears_what_older_crashed_saves_left_and_keeps_torn_folders(tmp_path):
+    """Publishing step 4 removes an older step's partial `.tmp` folder and sentinels whose folder is gone;
+    a folder without a sentinel (reported on resume) and a newer step's `.tmp` stay."""
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "ckpt-00000002.dcp.tmp").mkdir(parents=True)
+    (ckpts / "ckpt-00000002.dcp.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    (ckpts / "ckpt-00000001.dcp.ok").write_text("3 100\n")  # its folder was pruned before the kill
+    (ckpts / "ckpt-00000001.dcp.prev.ok").write_text("3 100\n")
+    (ckpts / "ckpt-00000003.dcp").mkdir()  # torn: no sentinel
+    (ckpts / "ckpt-00000009.dcp.tmp").mkdir()  # not older than the step being saved
+    sharded_checkpoint.save(str(ckpts), 4, {"step": 4, "model": {"w": torch.ones(2)}}, main=True, keep_last=1)
+    assert sorted(os.listdir(ckpts)) == ["ckpt-00000003.dcp", "ckpt-00000004.dcp", "ckpt-00000004.dcp.ok",
+                                         "ckpt-00000009.dcp.tmp"]
+
+
+def test_a_chosen_step_of_a_sharded_run_is_evaluated_and_exported_also_from_its_prev(tmp_path):
+    """`decm.evaluate --step N` and `decm.export --step N` find step N of an FSDP run: its folder, or the
+    `.prev` that is the step's valid checkpoint while it is being rewritten."""
+    import shutil
+
+    from decm.data.builtin import GaussianMixture2D
+    from decm.eval.evaluate import load_student
+    from decm.export import main as export_main
+    from decm.models.build import backbone_kwargs
+    from decm.models.mlp import mlp
+
+    build = lambda **k: mlp(width=32, depth=2, **k)  # noqa: E731
+    net = build(**backbone_kwargs(GaussianMixture2D()), flow_map=True)
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        ema = {k: v + step for k, v in net.state_dict().items()}
+        first = next(iter(ema))  # the loop's layout: AdamW state under parameter names (DCP drops empty dicts)
+        optimizer = {"state": {first: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(ema[first]),
+                                       "exp_avg_sq": torch.zeros_like(ema[first])}},
+                     "param_groups": [{"params": list(ema), "lr": 1e-3}]}
+        sharded_checkpoint.save(str(ckpts), step, {"step": step, "ema": ema, "model": ema, "optimizer": optimizer},
+                                main=True)
+    chosen, step = load_student(str(tmp_path / "run"), build, GaussianMixture2D(), step=1)
+    assert step == 1 and all(torch.equal(v, net.state_dict()[k] + 1) for k, v in chosen.state_dict().items())
+    plain = ckpts / "ckpt-00000002.dcp"  # a rewrite of step 2 killed after the old one became `.prev`
+    shutil.move(str(plain), str(plain) + ".prev")
+    shutil.move(str(plain) + ".ok", str(plain) + ".prev.ok")
+    chosen, step = load_student(str(tmp_path / "run"), build, GaussianMixture2D(), step=2)
+    assert step == 2 and all(torch.equal(v, net.state_dict()[k] + 2) for k, v in chosen.state_dict().items())
+    assert export_main([str(tmp_path / "run"), "--step", "2"]) == 0
+    assert torch.load(ckpts / "ckpt-00000002.pt", weights_only=True)["step"] == 2
+    with pytest.raises(FileNotFoundError, match="at step 3"):
+        load_student(str(tmp_path / "run"), build, GaussianMixture2D(), step=3)
 
 
 def test_reading_a_sharded_checkpoint_leaves_nothing_behind_when_killed(tmp_path):

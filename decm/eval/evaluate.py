@@ -40,15 +40,9 @@ def load_student(run_dir: str, backbone, dataset, use_ema: bool = True, step: in
     """The newest valid checkpoint's EMA (or raw) weights, or those of checkpoint `step`, from
     `<run_dir>/checkpoints` or `ckpt_dir` (e.g. a post-hoc EMA reconstruction, decm.phema).
     `collective=True` (every rank calls it): rank 0 reads, the others receive (decm.one_reader)."""
-    from decm.one_reader import read_once
-
     ckpt_dir = ckpt_dir or os.path.join(run_dir, "checkpoints")
-    if step is None:
-        path, state = checkpoint.latest_valid(ckpt_dir, collective=collective)  # reports on rank 0 only
-    else:
-        path = checkpoint.path_for(ckpt_dir, step)
-        read = lambda: torch.load(path, map_location="cpu", weights_only=True) if checkpoint.is_valid(path) else None  # noqa: E731
-        state = read_once(read) if collective else read()
+    # a single file or a sharded folder (FSDP runs), the newest or that of `step`; reports on rank 0 only
+    path, state = checkpoint.latest_valid(ckpt_dir, collective=collective, step=step)
     if state is None:
         raise FileNotFoundError(f"no valid checkpoint in {ckpt_dir}" + (f" at step {step}" if step is not None else ""))
     model = backbone(**backbone_kwargs(dataset), flow_map=True)
