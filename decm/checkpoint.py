@@ -50,8 +50,8 @@ def save(directory: str, step: int, state: dict, keep_last: int = 0) -> str:
         except OSError:
             pass
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
-    if keep_last > 0:
-        valid = [p for p in candidates(directory) if is_valid(p, load=False)]
+    if keep_last > 0:  # never counting newer steps (e.g. an unreadable one a resume skipped) against this one
+        valid = [p for p in candidates(directory) if step_of(p) <= step and is_valid(p, load=False)]
         for old in valid[keep_last:]:
             os.remove(old)
             os.remove(old[:-3] + ".ok")

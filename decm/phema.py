@@ -167,7 +167,7 @@ class PowerFunctionEMA:
             raise ValueError(f"{where} has no post-hoc EMA profiles (written with train.phema_sigma_rels = ()); "
                              "they cannot be resumed — use a new run directory or unset train.phema_sigma_rels")
         saved = tuple(float(s) for s in torch.as_tensor(state["sigma_rels"]).tolist())
-        if not np.allclose(saved, self.sigma_rels, rtol=0, atol=1e-12):
+        if len(saved) != len(self.sigma_rels) or not np.allclose(saved, self.sigma_rels, rtol=0, atol=1e-12):
             raise ValueError(f"{where} tracks post-hoc EMA σ_rel {list(saved)}, this run "
                              f"train.phema_sigma_rels = {list(self.sigma_rels)}")
 

@@ -110,8 +110,8 @@ def save(directory: str, step: int, state: dict, main: bool, keep_last: int = 0)
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
         _publish(tmp, path)
-        if keep_last > 0:
-            for old in [p for p in candidates(directory) if is_valid(p)][keep_last:]:
+        if keep_last > 0:  # never counting newer steps (e.g. an unreadable one a resume skipped) against this one
+            for old in [p for p in candidates(directory) if step_of(p) <= step and is_valid(p)][keep_last:]:
                 _remove(old)
         _clear_leftovers(directory, step)
     _barrier()
@@ -195,12 +195,14 @@ def _flat_shapes(state: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_compatible(path: str, state: dict, sections=("model", "ema")) -> None:
+def check_compatible(path: str, state: dict, sections=("model", "ema"), meta=None) -> None:
     """Raises CheckpointMismatchError naming the first differences between the checkpoint's tensors and
-    `state`'s (in the given top-level sections: the networks)."""
+    `state`'s (in the given top-level sections: the networks). `meta`: the checkpoint's metadata when
+    already read (it is not read again)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    saved = {k: tuple(v.size) for k, v in metadata(path).state_dict_metadata.items()
+    meta = meta if meta is not None else metadata(path)
+    saved = {k: tuple(v.size) for k, v in meta.state_dict_metadata.items()
              if isinstance(v, TensorStorageMetadata) and k.split(".", 1)[0] in sections}
     wanted = {k: v for k, v in _flat_shapes({s: state[s] for s in sections if s in state}).items()}
     missing = sorted(set(wanted) - set(saved))
@@ -219,12 +221,28 @@ def check_compatible(path: str, state: dict, sections=("model", "ema")) -> None:
                                       "a different backbone, preset or data shape wrote it")
 
 
-def load_into(path: str, state: dict) -> None:
-    """Collective: loads the checkpoint into `state` in place (DTensors are resharded to this run's world)."""
+def load_into(path: str, state: dict, meta=None) -> None:
+    """Collective: loads the checkpoint into `state` in place (DTensors are resharded to this run's world).
+    `meta`: its metadata when already read."""
     import torch.distributed.checkpoint as dcp
 
-    check_compatible(path, state)
+    check_compatible(path, state, meta=meta)
     dcp.load(state, checkpoint_id=path)
+
+
+def failure_causes(error: BaseException) -> str:
+    """One line per failing rank of a DCP CheckpointException ('rank 1: UnpicklingError: ...'), or the
+    error's own first line."""
+    failures = getattr(error, "failures", None)
+    if not failures:
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0] if lines else 'failed'}"
+    parts = []
+    for rank, wrapped in failures.items():
+        exc = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        lines = str(exc).strip().splitlines()
+        parts.append(f"rank {rank}: {type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": "))
+    return "; ".join(parts)
 
 
 def load_full(path: str) -> dict:
@@ -241,6 +259,5 @@ def load_full(path: str) -> dict:
         _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
                          no_dist=True)  # what torch's dcp_to_torch_save does, without the file it writes
     except CheckpointException as e:  # a BaseException in torch: made an ordinary error that callers can skip
-        causes = [f"{type(c).__name__}: {c}".splitlines()[0] for c in getattr(e, "failures", {}).values()]
-        raise UnreadableCheckpointError(f"cannot read {path}: {'; '.join(causes) or 'read failed'}") from None
+        raise UnreadableCheckpointError(f"cannot read {path}: {failure_causes(e)}") from None
     return state

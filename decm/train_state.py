@@ -130,11 +130,6 @@ def newest(ckpt_dir: str, mode: str, verbose: bool = True, skip=()) -> tuple[str
     return pt, "pt"
 
 
-def _has_phema(path: str) -> bool:
-    """Whether a sharded checkpoint holds post-hoc EMA profiles (DCP cannot load a section it lacks)."""
-    return any(k.startswith("phema.") for k in sharded_checkpoint.metadata(path).state_dict_metadata)
-
-
 def _read_full(path: str, kind: str) -> dict:
     """The whole checkpoint in memory; a read failure is an UnreadableCheckpointError."""
     if kind == "dcp":
@@ -197,19 +192,33 @@ def _restore(path, kind, mode, model, ema, objective, opt, info: DistInfo, stage
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         state = sharded_state(0, model, ema, objective, opt, {"nan_masked_samples": 0, "skipped_steps": 0}, phema)
-        error, has_phema = None, True  # another model's checkpoint (CheckpointMismatchError) is an error, not skipped
+        # 1. every rank reads the metadata; all agree before DCP's first collective (a rank that cannot
+        # read it would otherwise sit in the agreement while the others wait inside DCP)
+        meta, error = None, None
         try:
-            if phema is not None:
-                has_phema = _has_phema(path)  # DCP cannot load a section the checkpoint lacks
-            if has_phema:
-                sharded_checkpoint.load_into(path, state)
-        except (CheckpointException, sharded_checkpoint.UnreadableCheckpointError, OSError) as e:  # DCP's is a BaseException
+            meta = sharded_checkpoint.metadata(path)
+        except Exception as e:  # a missing or damaged .metadata on this rank's view of the folder
+            error = e
+        if any_true(error is not None, info):
+            raise _ReadFailed(_first_line(error) if error is not None else "unreadable on another rank",
+                              partly_loaded=False)
+        if phema is not None:  # the same metadata on every rank: these errors are raised everywhere alike
+            _check_phema_sections(meta, phema, f"checkpoint {path}")
+        sharded_checkpoint.check_compatible(path, state, meta=meta)  # another model's: an error, not skipped
+        # 2. the collective read into the modules, in place
+        try:
+            sharded_checkpoint.load_into(path, state, meta=meta)
+        except CheckpointException as e:  # DCP's is a BaseException, gathered from every rank
+            if e.args and e.args[0] != "read":  # planning failed: the run's state has other entries
+                raise sharded_checkpoint.CheckpointMismatchError(
+                    f"sharded checkpoint {path} does not fit this run's training state: "
+                    f"{sharded_checkpoint.failure_causes(e)}") from None
+            error = e
+        except (sharded_checkpoint.UnreadableCheckpointError, OSError) as e:
             error = e
         if any_true(error is not None, info):  # every rank agrees before the next collective
             raise _ReadFailed(_first_line(error) if error is not None else "unreadable on another rank",
                               partly_loaded=True)
-        if not has_phema:
-            phema.check_state(None, f"checkpoint {path}")  # the run tracks post-hoc EMA, the checkpoint has none
         if phema is not None:
             phema.check_state(state["phema"], f"checkpoint {path}")
             phema.load(state["phema"], sharded=True)
@@ -248,8 +257,19 @@ def _restore(path, kind, mode, model, ema, objective, opt, info: DistInfo, stage
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else 'read failed'}"
+    return sharded_checkpoint.failure_causes(error)
+
+
+def _check_phema_sections(meta, phema, where: str) -> None:
+    """A ValueError when the checkpoint holds no post-hoc EMA profiles or another number of them than the
+    run tracks (DCP would fail planning the load); equal numbers are checked by value after the load."""
+    saved = meta.state_dict_metadata.get("phema.sigma_rels")
+    if saved is None:
+        phema.check_state(None, where)
+    n = int(saved.size[0]) if getattr(saved, "size", None) is not None and len(saved.size) else 0
+    if n != len(phema.sigma_rels):
+        raise ValueError(f"{where} tracks {n} post-hoc EMA profiles, this run train.phema_sigma_rels = "
+                         f"{list(phema.sigma_rels)} ({len(phema.sigma_rels)}): use the same values or a new run directory")
 
 
 def export(ckpt_dir: str, path: str | None = None) -> str:

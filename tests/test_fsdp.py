@@ -112,12 +112,30 @@ def forbid_reads_off_rank0(rank: int) -> None:
     torch.load = load
 
 
-def worker(rank, world, port, run_dir, teacher_dir, bindings, train_kwargs, inject=None, one_reader=False):
+def hide_metadata(rank: int, at: dict) -> None:
+    """On the ranks `at['ranks']`, reading the metadata of a checkpoint folder ending in `at['folder']`
+    fails (that rank's view of a shared file system differs)."""
+    if rank not in at["ranks"]:
+        return
+    real = sharded_checkpoint.metadata
+
+    def metadata(path):
+        if str(path).endswith(at["folder"]):
+            raise FileNotFoundError(f"rank {rank} cannot see {path}/.metadata")
+        return real(path)
+
+    sharded_checkpoint.metadata = metadata
+
+
+def worker(rank, world, port, run_dir, teacher_dir, bindings, train_kwargs, inject=None, one_reader=False,
+           hidden=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     if one_reader:
         forbid_reads_off_rank0(rank)
+    if hidden is not None:
+        hide_metadata(rank, hidden)
     import decm.data  # noqa: F401  (registers the components)
     import decm.method  # noqa: F401
     import decm.models  # noqa: F401
@@ -137,13 +155,14 @@ def worker(rank, world, port, run_dir, teacher_dir, bindings, train_kwargs, inje
 
 
 def launch(run_dir, teacher_dir, world, backbone, parallel, steps=STEPS, extra=(), inject=None, one_reader=False,
-           **train_kwargs):
+           hidden=None, **train_kwargs):
     bindings = list(SIT if backbone == "sit" else MLP) + [
         f"distill/train.parallel = '{parallel}'", "distill/train.teacher_source = 'checkpoint'",
         f"distill/train.steps = {steps}", "distill/train.batch_size = 4", "distill/train.log_every_steps = 1",
         f"distill/train.ckpt_every_steps = {STEPS}", "distill/train.progress = False", "distill/train.lr = 1e-3",
         "distill/train.keep_last = 0"] + list(extra)
-    spawn(worker, (world, free_port(), str(run_dir), teacher_dir, bindings, train_kwargs, inject, one_reader), world)
+    spawn(worker, (world, free_port(), str(run_dir), teacher_dir, bindings, train_kwargs, inject, one_reader, hidden),
+          world)
     with open(os.path.join(run_dir, "summary-0.json")) as f:
         return json.load(f)
 
@@ -304,6 +323,42 @@ def test_a_valid_looking_but_unreadable_checkpoint_is_skipped_on_resume(tmp_path
     assert_states_close(b, final_state(tmp_path / "whole")[0])  # resumed from step 2, not from scratch
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "cut")[-2:]),
                                torch.tensor(losses(tmp_path / "whole")[-2:]), rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_one_rank_cannot_see_is_skipped_by_every_rank_without_a_hang(tmp_path, teachers):
+    """Rank 1 cannot read the newest checkpoint's metadata (rank 0 can): every rank agrees to skip it
+    before any collective of the load, and the run resumes from the older one to the uninterrupted end."""
+    extra = ["distill/train.ckpt_every_steps = 1"]
+    launch(tmp_path / "whole", teachers["mlp"], 2, "mlp", "fsdp", extra=extra)
+    launch(tmp_path / "cut", teachers["mlp"], 2, "mlp", "fsdp", stop_after_steps=3, extra=extra)
+    launch(tmp_path / "cut", teachers["mlp"], 2, "mlp", "fsdp", hidden={"ranks": [1], "folder": "ckpt-00000003.dcp"})
+    assert_states_close(final_state(tmp_path / "cut")[0], final_state(tmp_path / "whole")[0])
+
+
+def test_a_save_after_skipping_an_unreadable_newer_checkpoint_keeps_itself(tmp_path, teachers):
+    """keep_last = 1 after a resume skipped an unreadable newer checkpoint: the step just saved is kept
+    (pruning counts only steps up to it), so a restart resumes from it."""
+    launch(tmp_path / "run", teachers["mlp"], 2, "mlp", "fsdp", stop_after_steps=4,
+           extra=["distill/train.ckpt_every_steps = 2"])
+    ckpts = tmp_path / "run" / "checkpoints"
+    zero_shards(ckpts / "ckpt-00000004.dcp")
+    launch(tmp_path / "run", teachers["mlp"], 2, "mlp", "fsdp", stop_after_steps=1,
+           extra=["distill/train.ckpt_every_steps = 2", "distill/train.keep_last = 1"])
+    assert sharded_checkpoint.is_valid(str(ckpts / "ckpt-00000003.dcp"))
+    assert sharded_checkpoint.load_full(str(ckpts / "ckpt-00000003.dcp"))["step"] == 3
+
+
+def test_another_post_hoc_ema_setting_is_a_config_error_not_an_unreadable_checkpoint(tmp_path, teachers):
+    """Resuming an FSDP run that tracked 2 post-hoc EMA profiles with 3: one error naming the profiles, no
+    checkpoint reported unreadable (DCP would fail planning the load)."""
+    phema = ["distill/train.phema_every_steps = 2"]
+    launch(tmp_path / "run", teachers["mlp"], 2, "mlp", "fsdp", stop_after_steps=2,
+           extra=phema + ["distill/train.phema_sigma_rels = (0.05, 0.2)", "distill/train.ckpt_every_steps = 2"])
+    with pytest.raises(Exception, match="tracks 2 post-hoc EMA profiles") as raised:
+        launch(tmp_path / "run", teachers["mlp"], 2, "mlp", "fsdp",
+               extra=phema + ["distill/train.phema_sigma_rels = (0.05, 0.1, 0.2)"])
+    assert "UnrecoverableResumeError" not in str(raised.value)
+    assert sharded_checkpoint.is_valid(str(tmp_path / "run" / "checkpoints" / "ckpt-00000002.dcp"))
 
 
 def test_an_unreadable_only_checkpoint_stops_a_sharded_resume_with_one_error(tmp_path, teachers):

@@ -159,6 +159,8 @@ def test_resume_refuses_other_sigma_rels_and_a_checkpoint_without_profiles(tmp_p
     toy_run(tmp_path / "a", steps=10, every=5)
     with pytest.raises(ValueError, match="tracks post-hoc EMA σ_rel"):
         toy_run(tmp_path / "a", steps=20, sigma_rels=(0.05, 0.1), every=5)
+    with pytest.raises(ValueError, match="tracks post-hoc EMA σ_rel"):  # another number of profiles
+        toy_run(tmp_path / "a", steps=20, sigma_rels=(0.05, 0.1, 0.15), every=5)
     toy_run(tmp_path / "b", steps=10, sigma_rels=(), every=0)
     with pytest.raises(ValueError, match="has no post-hoc EMA profiles"):
         toy_run(tmp_path / "b", steps=20, every=5)
