@@ -26,3 +26,13 @@ def test_keep_last_keeps_the_newest_and_resume_takes_the_newest_valid(tmp_path):
     assert not checkpoint.is_valid(newest, load=False)
     path, loaded = checkpoint.latest_valid(d, verbose=False)
     assert checkpoint.step_of(path) == 3 and os.path.exists(newest)
+
+
+def test_keep_last_never_counts_a_newer_step_against_the_one_saved(tmp_path):
+    """A resume that skipped a newer (unreadable) checkpoint saves an older step: keep_last = 1 keeps the
+    step just written and leaves the newer file alone."""
+    d = str(tmp_path)
+    checkpoint.save(d, 5, state(5))
+    checkpoint.save(d, 2, state(2))
+    checkpoint.save(d, 3, state(3), keep_last=1)
+    assert [checkpoint.step_of(p) for p in checkpoint.candidates(d)] == [5, 3]
