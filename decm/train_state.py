@@ -185,8 +185,6 @@ def _restore(path, kind, mode, model, ema, objective, opt, info: DistInfo, stage
     fails on any rank."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from decm.distributed import any_true
-
     names = param_names(model, objective)
     if mode == "fsdp" and kind == "dcp":
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -199,9 +197,7 @@ def _restore(path, kind, mode, model, ema, objective, opt, info: DistInfo, stage
             meta = sharded_checkpoint.metadata(path)
         except Exception as e:  # a missing or damaged .metadata on this rank's view of the folder
             error = e
-        if any_true(error is not None, info):
-            raise _ReadFailed(_first_line(error) if error is not None else "unreadable on another rank",
-                              partly_loaded=False)
+        _agree_on_read(error, info, partly_loaded=False)
         if phema is not None:  # the same metadata on every rank: these errors are raised everywhere alike
             _check_phema_sections(meta, phema, f"checkpoint {path}")
         sharded_checkpoint.check_compatible(path, state, meta=meta)  # another model's: an error, not skipped
@@ -216,9 +212,7 @@ def _restore(path, kind, mode, model, ema, objective, opt, info: DistInfo, stage
             error = e
         except (sharded_checkpoint.UnreadableCheckpointError, OSError) as e:
             error = e
-        if any_true(error is not None, info):  # every rank agrees before the next collective
-            raise _ReadFailed(_first_line(error) if error is not None else "unreadable on another rank",
-                              partly_loaded=True)
+        _agree_on_read(error, info, partly_loaded=True)
         if phema is not None:
             phema.check_state(state["phema"], f"checkpoint {path}")
             phema.load(state["phema"], sharded=True)
@@ -231,7 +225,7 @@ def _restore(path, kind, mode, model, ema, objective, opt, info: DistInfo, stage
         try:  # read_once raises the reader's error on every rank alike
             state = read_once(lambda: _read_full(path, kind))
         except sharded_checkpoint.UnreadableCheckpointError as e:
-            raise _ReadFailed(_first_line(e), partly_loaded=False) from None
+            raise _ReadFailed(sharded_checkpoint.failure_causes(e), partly_loaded=False) from None
         opt_state = state["optimizer"]
         if phema is not None:
             phema.check_state(state.get("phema"), f"checkpoint {path}")
@@ -256,8 +250,14 @@ def _restore(path, kind, mode, model, ema, objective, opt, info: DistInfo, stage
     return int(state["step"]), dict(state["totals"])
 
 
-def _first_line(error: BaseException) -> str:
-    return sharded_checkpoint.failure_causes(error)
+def _agree_on_read(error: BaseException | None, info: DistInfo, partly_loaded: bool) -> None:
+    """Collective: raises _ReadFailed on every rank when reading failed on any rank (`error` is this
+    rank's failure or None), so that no rank goes on to a collective the others never reach."""
+    from decm.distributed import any_true
+
+    if any_true(error is not None, info):
+        raise _ReadFailed(sharded_checkpoint.failure_causes(error) if error is not None
+                          else "unreadable on another rank", partly_loaded=partly_loaded)
 
 
 def _check_phema_sections(meta, phema, where: str) -> None:
